@@ -1,0 +1,188 @@
+"""Label Studio result regions <-> masks (pure).
+
+Masks are HxW bool (or HxW uint8 class-index) arrays of the original image, height = rows =
+original_height, width = columns = original_width. Polygon points in regions are percent of
+original_width / original_height (see backends.coords).
+"""
+from __future__ import annotations
+
+import secrets
+import string
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from backends.coords import check_image_size, percent_to_pixels, pixels_to_percent
+from backends.errors import BackendError, BadRequest
+from backends.label_config import ControlTag
+from backends.polygons import mask_to_polygons, polygons_to_mask
+from backends.rle import decode_rle, encode_rle
+
+OVERLAP_RULES = ("later", "earlier", "smaller")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def region_id() -> str:
+    """A fresh 10-character region id, like the ones Label Studio's editor makes."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+def brush_region(
+    mask: np.ndarray,
+    label: str,
+    tag: ControlTag,
+    width: int,
+    height: int,
+    score: float | None = None,
+    image_rotation: int = 0,
+    to_name: str | None = None,
+) -> dict:
+    """A `brushlabels` result region for an HxW bool mask of the original image.
+
+    width, height: original_width, original_height (must equal the mask's W, H).
+    to_name: the Image tag the region is on (default: the tag's first toName).
+    """
+    _check_mask(mask, width, height)
+    region = _region_base(tag, "brushlabels", width, height, image_rotation, to_name)
+    region["value"] = {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}
+    if score is not None:
+        region["score"] = float(score)
+    return region
+
+
+def polygon_regions(
+    mask: np.ndarray,
+    label: str,
+    tag: ControlTag,
+    width: int,
+    height: int,
+    score: float | None = None,
+    tolerance: float = 1.0,
+    image_rotation: int = 0,
+    to_name: str | None = None,
+) -> list[dict]:
+    """`polygonlabels` regions for an HxW bool mask: one per connected component, holes bridged.
+
+    Points are [x%, y%] of width / height (see backends.polygons for the outline geometry).
+    """
+    _check_mask(mask, width, height)
+    regions = []
+    for polygon in mask_to_polygons(mask, tolerance=tolerance):
+        region = _region_base(tag, "polygonlabels", width, height, image_rotation, to_name)
+        region["value"] = {
+            "points": pixels_to_percent(polygon, width, height).tolist(),
+            "polygonlabels": [label],
+            "closed": True,
+        }
+        if score is not None:
+            region["score"] = float(score)
+        regions.append(region)
+    return regions
+
+
+def results_to_class_mask(
+    results: Sequence[Mapping],
+    label_map: Mapping[str, int],
+    height: int,
+    width: int,
+    overlap: str = "later",
+) -> tuple[np.ndarray, list[str]]:
+    """Rasterise brushlabels and polygonlabels regions into an HxW uint8 class-index mask.
+
+    label_map: label -> class index (1..255); 0 is background. Other result types (rectangles,
+    choices, ...) are ignored. Where regions overlap:
+      "later"   the region later in `results` wins (what the annotator drew last is on top);
+      "earlier" the region earlier in `results` wins;
+      "smaller" the smaller region (fewer pixels) wins, so small objects drawn over large ones
+                survive; equal sizes fall back to "later".
+    A bad region is skipped, never raised: returns (mask, warnings), one human-readable warning
+    per skipped region (unknown label, corrupt RLE, size mismatch, empty region, ...).
+    """
+    if overlap not in OVERLAP_RULES:
+        raise BadRequest(f"overlap must be one of {', '.join(OVERLAP_RULES)}, got {overlap!r}")
+    check_image_size(width, height)
+    for label, index in label_map.items():
+        is_int = isinstance(index, (int, np.integer)) and not isinstance(index, bool)
+        if not is_int or not 1 <= index <= 255:
+            raise BadRequest(f"label_map['{label}'] must be a class index 1..255, got {index!r}")
+    warnings: list[str] = []
+    painted: list[tuple[int, int, int, np.ndarray, tuple[int, int]]] = []  # area, order, class, crop, (r0, c0)
+    for order, region in enumerate(results):
+        if not isinstance(region, Mapping):
+            warnings.append(f"region {order}: not an object, skipped")
+            continue
+        kind = str(region.get("type", "")).lower()
+        if kind not in ("brushlabels", "polygonlabels"):
+            continue
+        name = f"region {order} ({kind}, id {region.get('id', '?')})"
+        value = region.get("value")
+        if not isinstance(value, Mapping):
+            warnings.append(f"{name}: no value, skipped")
+            continue
+        labels = value.get(kind) or []
+        known = [label for label in labels if isinstance(label, str) and label in label_map]
+        if not known:
+            warnings.append(f"{name}: label {labels!r} is not in the label map, skipped")
+            continue
+        try:
+            mask = _region_mask(region, value, kind, height, width)
+        except BackendError as exc:
+            warnings.append(f"{name}: {exc.message}, skipped")
+            continue
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            warnings.append(f"{name}: empty region, skipped")
+            continue
+        cols = np.flatnonzero(mask.any(axis=0))
+        crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        painted.append((int(crop.sum()), order, int(label_map[known[0]]), crop, (rows[0], cols[0])))
+
+    if overlap == "earlier":
+        painted.sort(key=lambda item: -item[1])
+    elif overlap == "smaller":
+        painted.sort(key=lambda item: (-item[0], item[1]))
+    class_mask = np.zeros((height, width), dtype=np.uint8)
+    for _, _, index, crop, (r0, c0) in painted:
+        window = class_mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]]
+        window[crop] = index
+    return class_mask, warnings
+
+
+def _region_mask(region: Mapping, value: Mapping, kind: str, height: int, width: int) -> np.ndarray:
+    if kind == "brushlabels":
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise BadRequest("brush region has no RLE")
+        size = (region.get("original_width"), region.get("original_height"))
+        if size != (width, height):
+            raise BadRequest(f"brush region is {size[0]}x{size[1]}, the image is {width}x{height}")
+        return decode_rle(value["rle"], height, width)
+    points = value.get("points")
+    if not isinstance(points, (list, tuple)) or len(points) < 3:
+        raise BadRequest("polygon region has fewer than 3 points")
+    # Percent coordinates do not depend on original_width/height: rasterise at the image size.
+    xy = percent_to_pixels(points, width, height)
+    return polygons_to_mask([xy], height, width)
+
+
+def _check_mask(mask: np.ndarray, width: int, height: int) -> None:
+    check_image_size(width, height)
+    shape = np.shape(mask)
+    if shape != (height, width):
+        raise BadRequest(f"mask shape {shape} does not match the image (height {height}, width {width})")
+
+
+def _region_base(tag: ControlTag, kind: str, width: int, height: int, image_rotation: int,
+                 to_name: str | None) -> dict:
+    if image_rotation % 360:
+        raise BadRequest(
+            f"image_rotation {image_rotation} is not supported: rotate the image back to 0 degrees"
+        )
+    return {
+        "id": region_id(),
+        "from_name": tag.name,
+        "to_name": to_name or tag.to_name,
+        "type": kind,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": int(image_rotation),
+    }
