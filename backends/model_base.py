@@ -1,0 +1,188 @@
+"""The model contract both backends implement, shaped like label-studio-ml 2.x's `LabelStudioMLBase`.
+
+An upstream model ports by changing its imports: it overrides `setup()`, `predict(tasks, context,
+**kwargs)` (returning a `ModelResponse` or a list of per-task predictions) and optionally
+`fit(event, data, **kwargs)`, and keeps state with `get`/`set`. What upstream lacks and we add:
+`startup(context)`, run once per process to load what every project shares (engines, weights),
+and `health()` / `versions()`, whose results the server reports.
+
+Lifecycle (see backends/server.py): one instance per Label Studio project, created at `/setup`
+(or at the first `/predict` or webhook for that project) and recreated when the project's label
+config changes; `setup()` runs once per instance, so it must be quick (Label Studio waits 3 s).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pydantic
+
+from backends.settings import Settings
+
+if TYPE_CHECKING:
+    from backends.images import ImageFetcher
+    from backends.label_config import LabelConfig
+    from backends.metrics import Metrics
+
+
+class ModelResponse(pydantic.BaseModel):
+    """What `predict` returns: one prediction per task, in task order.
+
+    A prediction is Label Studio's `{"result": [region, ...], "score": float, "model_version": str}`;
+    a missing `model_version` is filled in from the response's (then the model's) version.
+    """
+
+    model_config = pydantic.ConfigDict(extra="allow")
+
+    model_version: str | None = None
+    predictions: list[dict[str, Any]]
+
+    def update_predictions_version(self) -> None:
+        """Give every prediction without a `model_version` the response's version."""
+        if self.model_version is None:
+            return
+        for prediction in self.predictions:
+            if prediction.get("model_version") is None:
+                prediction["model_version"] = self.model_version
+
+
+class ProjectStore:
+    """Per-project key/value state kept in memory, shared by the instances of one server."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, project_id: str, key: str) -> Any:
+        with self._lock:
+            return self._values.get((project_id, key))
+
+    def set(self, project_id: str, key: str, value: Any) -> None:
+        with self._lock:
+            self._values[(project_id, key)] = value
+
+
+@dataclass
+class BackendContext:
+    """What a server hands to its models: configuration and the shared machinery."""
+
+    settings: Settings
+    images: "ImageFetcher"
+    metrics: "Metrics"
+    background: concurrent.futures.ThreadPoolExecutor
+    store: ProjectStore = field(default_factory=ProjectStore)
+    #: Set when the server shuts down: long background work (training) should stop early.
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class LabelStudioMLBase:
+    """Base class of a backend model; override `setup`, `predict` and optionally `fit`."""
+
+    #: Default version; `model_version` falls back to the class name when this is None.
+    MODEL_VERSION: ClassVar[str | None] = None
+    #: Webhook actions passed to `fit`; the server answers others with 200 and does nothing.
+    #: TASKS_CREATED is included (upstream's list lacks it) so models can prepare new tasks.
+    TRAIN_EVENTS: ClassVar[tuple[str, ...]] = (
+        "ANNOTATION_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATION_DELETED",
+        "START_TRAINING",
+        "TASKS_CREATED",
+    )
+
+    def __init__(
+        self,
+        project_id: str | None = None,
+        label_config: str | None = None,
+        context: BackendContext | None = None,
+    ):
+        self.project_id = None if project_id is None else str(project_id)
+        self.label_config = label_config
+        self.context = context
+        # Without a server (a model built by hand, e.g. in a test) state lives in the instance.
+        self._store = context.store if context is not None else ProjectStore()
+        self._parsed_label_config: "LabelConfig | None" = None
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+
+    @classmethod
+    def startup(cls, context: BackendContext) -> None:
+        """Once per process, before serving: load the engines and weights all projects share."""
+
+    def setup(self) -> None:
+        """Once per project instance (keep it quick: Label Studio's /setup waits 3 s)."""
+
+    def validate_label_config(self) -> None:
+        """Raise a `BadRequest` when this model cannot serve `label_config`.
+
+        Runs when an instance is created for a config; the default requires a segmentation
+        output tag (BrushLabels or PolygonLabels) on an Image.
+        """
+        from backends.label_config import require_segmentation_output
+
+        require_segmentation_output(self.parsed_label_config)
+
+    def predict(
+        self, tasks: list[dict], context: dict | None = None, **kwargs: Any
+    ) -> ModelResponse | list[dict] | None:
+        """One prediction per task, in order. `context` is `{"result": [region, ...]}` when an
+        annotator used a smart tool (interactive), else None. kwargs: `login`, `password`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict")
+
+    def fit(self, event: str, data: dict, **kwargs: Any) -> dict | None:
+        """Handle a webhook `event` (one of TRAIN_EVENTS); runs in the background."""
+        return None
+
+    @classmethod
+    def health(cls) -> dict:
+        """Extra fields for GET /health (engine name, training state, ...)."""
+        return {}
+
+    @classmethod
+    def versions(cls) -> list:
+        """Model versions listed by GET /versions."""
+        return [cls.MODEL_VERSION or cls.__name__]
+
+    # -- state -------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Any:
+        """A value stored for this project (None when absent); thread-safe."""
+        return self._store.get(self.project_id or "", key)
+
+    def set(self, key: str, value: Any) -> None:
+        """Store a value for this project; thread-safe, in memory, lost on restart."""
+        self._store.set(self.project_id or "", key, value)
+
+    @property
+    def model_version(self) -> str:
+        version = self.get("model_version")
+        if version:
+            return str(version)
+        return type(self).MODEL_VERSION or type(self).__name__
+
+    @model_version.setter
+    def model_version(self, version: str) -> None:
+        self.set("model_version", version)
+
+    # -- label config ------------------------------------------------------------------------
+
+    @property
+    def parsed_label_config(self) -> "LabelConfig":
+        """The parsed `label_config` (raises LabelConfigError, a BadRequest, when unusable)."""
+        if self._parsed_label_config is None:
+            from backends.errors import BadRequest
+            from backends.label_config import parse_label_config
+
+            if not self.label_config:
+                raise BadRequest("no label config: call /setup first or send label_config with /predict")
+            self._parsed_label_config = parse_label_config(self.label_config)
+        return self._parsed_label_config
+
+    def use_label_config(self, label_config: str) -> None:
+        """Switch to another label config (upstream API); the parsed form is rebuilt on demand."""
+        if label_config != self.label_config:
+            self.label_config = label_config
+            self._parsed_label_config = None
