@@ -1,0 +1,357 @@
+"""Export a project's annotations as image + class-index mask PNG pairs, for training.
+
+    python -m sdk_scripts.export_masks --project "Nuclei" --out exported/
+    python -m sdk_scripts.export_masks --project 3 --from-bucket gs://labels/v1 --out exported/
+
+Written under ``--out``:
+
+- ``images/<stem>.png``: the task's image, RGB, EXIF orientation applied (as Label Studio shows it);
+- ``masks/<stem>.png``: HxW uint8 class indices, 0 = background, k = the k-th label of the label map;
+- ``label_map.json``: ``{"Nucleus": 1, "Cell": 2}``, the labels of the config's BrushLabels and
+  PolygonLabels tags in document order (pixel value = index);
+- ``overlays/<stem>.png``: the image with the mask blended in colour, for a quick visual check;
+- ``tasks.json``: for each stem, the task id, image URI, annotation id and any warnings.
+
+This is the layout the segmentation trainer reads:
+``python -m segmentation.train --images OUT/images --masks OUT/masks --labels Nucleus,Cell --out MODEL_DIR``,
+and `sdk_scripts.mask_dataset.MaskDataset(OUT)` loads it in PyTorch.
+
+Per task, the newest annotation that was not cancelled (skipped) is used. Brush RLE is decoded and
+polygons are rasterised (even-odd fill, non-convex shapes and holes are exact) by
+``backends.regions.results_to_class_mask``. Where regions overlap, ``--overlap`` decides:
+``later`` (default; the region later in the annotation, i.e. drawn last, wins), ``earlier`` (the
+first one wins) or ``smaller`` (the smaller region wins, so a nucleus drawn over its cell survives).
+
+Annotations come from Label Studio's export API (default) or, with ``--from-bucket``, from the JSON
+objects Label Studio's export storage wrote to the target bucket (one per annotation, or one per task
+when Label Studio runs with FUTURE_SAVE_TASK_TO_STORAGE). Images are read through Label Studio
+(uploads with the API key, ``gs://`` via its resolve endpoint), or directly from GCS with
+``--gcs-direct`` when this machine has credentials. Output names come from the image's file name,
+sanitised (no path traversal), with ``-<task id>`` added where two images share a name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import shlex
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sdk_scripts.common import (
+    CliSettings,
+    LabelStudioConnection,
+    UserError,
+    add_gcs_arguments,
+    add_label_studio_arguments,
+    configure_logging,
+    connect_label_studio,
+    find_project,
+    gcs_client,
+    list_objects,
+    original_uri,
+    parse_gs_uri,
+    read_object,
+    require_bucket,
+    run_main,
+    unique_stems,
+)
+
+OVERLAP_RULES = ("later", "earlier", "smaller")
+# Distinct colours for class 1, 2, ... (class 0, background, is not painted).
+PALETTE = np.array([
+    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
+], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class TaskExport:
+    """One task to export: its id, image URI (as stored, e.g. gs://...) and chosen annotation."""
+
+    task_id: int
+    image_uri: str
+    annotation: dict
+    stem: str = ""
+
+
+@dataclass
+class ExportSummary:
+    exported: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- pure helpers
+def label_map_from_config(label_config: str) -> dict[str, int]:
+    """{label: class index} from the brush and polygon tags, 1-based in document order."""
+    from backends.errors import BackendError
+    from backends.label_config import parse_label_config
+
+    try:
+        labels = parse_label_config(label_config).output_labels()
+    except BackendError as error:
+        raise UserError(f"the project's label config cannot be read: {error.message}") from None
+    if not labels:
+        raise UserError("the project's label config has no BrushLabels or PolygonLabels labels to export")
+    if len(labels) > 255:
+        raise UserError(f"{len(labels)} labels do not fit a uint8 mask (at most 255)")
+    return {label: index for index, label in enumerate(labels, start=1)}
+
+
+def image_data_key(label_config: str) -> str:
+    """The task data key of the config's first Image tag (``$image`` -> "image")."""
+    from backends.label_config import parse_label_config
+
+    images = parse_label_config(label_config).images
+    return next(iter(images.values()), "image")
+
+
+def newest_annotation(annotations: Iterable[Mapping]) -> dict | None:
+    """The newest annotation that was not cancelled (skipped), by updated_at, created_at, then id."""
+    usable = [a for a in annotations if isinstance(a, Mapping) and not a.get("was_cancelled")
+              and isinstance(a.get("result"), list)]
+    if not usable:
+        return None
+    return dict(max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)))
+
+
+def tasks_from_storage_objects(documents: Iterable[Mapping]) -> list[dict]:
+    """Export-storage JSON objects -> tasks ``{"id", "data", "annotations": [...]}``.
+
+    An object is either one annotation with its task nested under "task" (Label Studio's default) or
+    one task with its "annotations" (FUTURE_SAVE_TASK_TO_STORAGE). Annotations of the same task are
+    gathered; the same annotation seen twice is kept once.
+    """
+    tasks: dict[int, dict] = {}
+    for document in documents:
+        if not isinstance(document, Mapping):
+            continue
+        if "annotations" in document and "data" in document:
+            task_part, annotations = document, list(document.get("annotations") or [])
+        elif isinstance(document.get("task"), Mapping) and "result" in document:
+            task_part, annotations = document["task"], [{k: v for k, v in document.items() if k != "task"}]
+        else:
+            continue
+        if task_part.get("id") is None:
+            continue
+        task = tasks.setdefault(int(task_part["id"]), {"id": int(task_part["id"]), "data": task_part.get("data") or {},
+                                                       "annotations": []})
+        known = {a.get("id") for a in task["annotations"]}
+        task["annotations"].extend(a for a in annotations if a.get("id") is None or a.get("id") not in known)
+    return [tasks[key] for key in sorted(tasks)]
+
+
+def select_exports(tasks: Iterable[Mapping], data_key: str) -> tuple[list[TaskExport], list[str]]:
+    """Tasks with a usable annotation -> TaskExports with unique safe stems; and what was skipped."""
+    chosen: list[TaskExport] = []
+    skipped: list[str] = []
+    for task in tasks:
+        task_id = int(task["id"])
+        uri = original_uri(str((task.get("data") or {}).get(data_key) or ""))
+        annotation = newest_annotation(task.get("annotations") or [])
+        if not uri:
+            skipped.append(f"task {task_id}: no {data_key!r} in its data")
+        elif annotation is None:
+            skipped.append(f"task {task_id}: no annotation (or only cancelled ones)")
+        else:
+            chosen.append(TaskExport(task_id, uri, annotation))
+    chosen.sort(key=lambda item: item.task_id)
+    stems = unique_stems([posixpath.basename(item.image_uri.split("?", 1)[0]) for item in chosen],
+                         [item.task_id for item in chosen])
+    return [replace(item, stem=stem) for item, stem in zip(chosen, stems)], skipped
+
+
+def image_size_from_results(results: Sequence[Mapping]) -> tuple[int, int] | None:
+    """(height, width) from the first region with original_height/original_width."""
+    for region in results:
+        if isinstance(region, Mapping) and region.get("original_width") and region.get("original_height"):
+            return int(region["original_height"]), int(region["original_width"])
+    return None
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """HxWx3 uint8 image with HxW uint8 class mask blended in (class k in PALETTE[k-1]); background untouched."""
+    out = image.astype(np.float32)
+    labelled = mask > 0
+    colours = PALETTE[(mask[labelled].astype(np.int64) - 1) % len(PALETTE)].astype(np.float32)
+    out[labelled] = (1 - alpha) * out[labelled] + alpha * colours
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """HxW uint8 (mode L) or HxWx3 uint8 (RGB) to a PNG, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray(np.ascontiguousarray(pixels)).save(partial, format="PNG")
+    partial.replace(path)
+
+
+# --------------------------------------------------------------------- reading annotations
+def tasks_from_api(conn: LabelStudioConnection, project_id: int) -> list[dict]:
+    """Annotated tasks of a project from Label Studio's JSON export."""
+    what = f"export the annotations of project {project_id}"
+    chunks = conn.call(conn.ls.projects.exports.download_sync, id=project_id, export_type="JSON",
+                       download_all_tasks=False, what=what)
+    payload = conn.call(lambda: b"".join(chunks), what=what)
+    try:
+        tasks = json.loads(payload)
+    except json.JSONDecodeError as error:
+        raise UserError(f"Label Studio's export of project {project_id} is not JSON: {error}") from None
+    if not isinstance(tasks, list):
+        raise UserError(f"Label Studio's export of project {project_id} is not a list of tasks")
+    return tasks
+
+
+def tasks_from_bucket(client, location: str, project_id: int | None, progress: bool) -> tuple[list[dict], list[str]]:
+    """Tasks rebuilt from the export storage's JSON objects under `location` (gs://bucket/prefix)."""
+    bucket, prefix = parse_gs_uri(location)
+    require_bucket(client, bucket)
+    documents, problems = [], []
+    for name in tqdm(list_objects(client, bucket, prefix), desc="reading annotations", unit="object",
+                     disable=not progress):
+        try:
+            document = json.loads(read_object(client, bucket, name))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problems.append(f"gs://{bucket}/{name} is not JSON: skipped")
+            continue
+        if project_id is not None and isinstance(document, Mapping):
+            owner = document.get("project") or (document.get("task") or {}).get("project")
+            if owner is not None and int(owner) != project_id:
+                continue  # another project writes to the same prefix
+        documents.append(document)
+    return tasks_from_storage_objects(documents), problems
+
+
+# --------------------------------------------------------------------- writing
+def export_task(item: TaskExport, label_map: Mapping[str, int], out: Path, overlap: str,
+                fetcher, with_images: bool) -> list[str]:
+    """Write one task's files; returns warnings (regions skipped, ...). Raises BackendError/UserError."""
+    from backends.regions import results_to_class_mask
+
+    results = item.annotation.get("result") or []
+    if with_images:
+        loaded = fetcher.load(item.image_uri, item.task_id)
+        image = loaded.pixels
+        height, width = image.shape[:2]
+    else:
+        size = image_size_from_results(results)
+        if size is None:
+            raise UserError("no region carries the image size; export with images")
+        (height, width), image = size, None
+    mask, warnings = results_to_class_mask(results, label_map, height, width, overlap=overlap)
+    write_png(out / "masks" / f"{item.stem}.png", mask)
+    if image is not None:
+        write_png(out / "images" / f"{item.stem}.png", image)
+        write_png(out / "overlays" / f"{item.stem}.png", overlay(image, mask))
+    return warnings
+
+
+def image_fetcher(settings: CliSettings, base_url: str, gcs_direct: bool):
+    """The backends' ImageFetcher, pointed at Label Studio with the script's API key, no disk cache."""
+    from backends.images import ImageFetcher
+    from backends.settings import Settings
+
+    return ImageFetcher(Settings(
+        label_studio_url=base_url,
+        label_studio_api_key=settings.label_studio_api_key,
+        image_cache_mb=0.0,
+        gcs_direct_read=gcs_direct,
+    ))
+
+
+def export_project(tasks: Sequence[Mapping], label_config: str, out: Path, overlap: str, fetcher,
+                   with_images: bool = True, progress: bool = True, data_key: str | None = None) -> ExportSummary:
+    """Write the files for every task with a usable annotation; label_map.json and tasks.json too."""
+    from backends.errors import BackendError
+
+    label_map = label_map_from_config(label_config)
+    items, skipped = select_exports(tasks, data_key or image_data_key(label_config))
+    summary = ExportSummary(skipped=skipped)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "label_map.json").write_text(json.dumps(label_map, indent=2) + "\n", encoding="utf-8")
+    index = []
+    for item in tqdm(items, desc="exporting", unit="task", disable=not progress):
+        try:
+            warnings = export_task(item, label_map, out, overlap, fetcher, with_images)
+        except (BackendError, UserError) as error:
+            summary.failed.append(f"task {item.task_id} ({item.image_uri}): {getattr(error, 'message', error)}")
+            continue
+        summary.exported.append(item.stem)
+        summary.warnings.extend(f"task {item.task_id}: {warning}" for warning in warnings)
+        index.append({"stem": item.stem, "task_id": item.task_id, "image": item.image_uri,
+                      "annotation_id": item.annotation.get("id"), "warnings": warnings})
+    (out / "tasks.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# --------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdk_scripts.export_masks",
+        description="Export a Label Studio project's annotations as images/, masks/ (uint8 class-index PNG), "
+                    "overlays/ and label_map.json, the layout `python -m segmentation.train` reads. "
+                    "Auth: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY.",
+    )
+    add_label_studio_arguments(parser)
+    add_gcs_arguments(parser)
+    parser.add_argument("--project", required=True, help="project id or exact title")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--from-bucket", default=None, metavar="gs://BUCKET/PREFIX",
+                        help="read annotations from the export storage's JSON objects instead of the API")
+    parser.add_argument("--overlap", choices=OVERLAP_RULES, default="later",
+                        help="which region wins where regions overlap: later (drawn last, default), "
+                             "earlier, or smaller")
+    parser.add_argument("--gcs-direct", action="store_true",
+                        help="read gs:// images directly with this machine's GCS credentials "
+                             "(default: through Label Studio)")
+    parser.add_argument("--masks-only", action="store_true",
+                        help="write masks and label_map.json only (no image download, no overlays)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace, settings: CliSettings) -> int:
+    progress = not args.no_progress
+    conn = connect_label_studio(settings, args.url)
+    project_id = find_project(conn, args.project)
+    project = conn.call(conn.ls.projects.get, id=project_id, what=f"read project {project_id}")
+    problems: list[str] = []
+    if args.from_bucket:
+        client = gcs_client(settings, args.gcs_credentials)
+        tasks, problems = tasks_from_bucket(client, args.from_bucket, project_id, progress)
+    else:
+        tasks = tasks_from_api(conn, project_id)
+    fetcher = None if args.masks_only else image_fetcher(settings, conn.url, args.gcs_direct)
+    summary = export_project(tasks, project.label_config or "", args.out, args.overlap, fetcher,
+                             with_images=not args.masks_only, progress=progress)
+    for line in problems + summary.warnings:
+        print(f"warning: {line}")
+    for line in summary.skipped:
+        print(f"skipped: {line}")
+    for line in summary.failed:
+        print(f"failed: {line}")
+    labels = shlex.quote(",".join(json.loads((args.out / "label_map.json").read_text(encoding="utf-8"))))
+    print(f"exported {len(summary.exported)} task(s) to {args.out} "
+          f"({len(summary.skipped)} skipped, {len(summary.failed)} failed)")
+    if summary.exported and not args.masks_only:
+        print(f"train: python -m segmentation.train --images {args.out / 'images'} --masks {args.out / 'masks'} "
+              f"--labels {labels} --out MODEL_DIR")
+    return 1 if summary.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = CliSettings.from_env()
+    configure_logging(settings.log_level)
+    return run_main(lambda: run(args, settings))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
