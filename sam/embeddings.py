@@ -1,0 +1,83 @@
+"""Image embeddings for one engine: a byte-capped LRU keyed by stable image identity, single-flight.
+
+Every engine call goes through one lock, so a custom engine that keeps state between `embed` and
+`predict` still never mixes two annotators' images. The key is `ImageFetcher.identity(uri,
+task_id)` (task id + URI without signature parameters), known before the image is fetched: a
+cached click costs no download and no decode.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.cache import ByteLRU
+from backends.model_base import BackendContext
+from sam.engines import embedding_nbytes
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An engine's embedding of one image and that image's size in pixels."""
+
+    embedding: Any
+    width: int
+    height: int
+
+
+class EmbeddingStore:
+    """The engine, its lock and its embedding cache (EMBEDDING_CACHE_MB), shared by all projects."""
+
+    def __init__(self, engine: Any, context: BackendContext):
+        self.engine = engine
+        self._context = context
+        self._lock = threading.Lock()
+        self.cache: ByteLRU[str, ImageEmbedding] = ByteLRU(
+            int(context.settings.embedding_cache_mb * 1024 * 1024),
+            sizeof=lambda record: embedding_nbytes(engine, record.embedding),
+            name="embeddings",
+            metrics=context.metrics,
+        )
+
+    def get(self, uri: str, task_id: int | None) -> ImageEmbedding:
+        """The embedding of the task's image: cached, or fetched and computed once (concurrent callers wait)."""
+        images = self._context.images
+        return self.cache.get_or_compute(images.identity(uri, task_id), lambda: self._compute(uri, task_id))
+
+    def predict(
+        self,
+        record: ImageEmbedding,
+        box: Sequence[float] | None,
+        points: Sequence[Sequence[float]] | None,
+        point_labels: Sequence[int] | None,
+    ) -> tuple[np.ndarray, float]:
+        """One prompt -> (HxW bool mask, score), checked against the image size."""
+        with self._lock:
+            mask, score = self.engine.predict(
+                record.embedding, box=box, points=points or None, point_labels=point_labels or None
+            )
+        mask = np.asarray(mask).astype(bool, copy=False)
+        if mask.shape != (record.height, record.width):
+            raise RuntimeError(
+                f"engine {self.engine.name} returned a {mask.shape} mask for a {record.height}x{record.width} image"
+            )
+        return mask, float(score)
+
+    def health(self) -> dict:
+        return {
+            "engine": self.engine.name,
+            "device": str(getattr(self.engine, "device", "cpu")),
+            "embedding_cache": {
+                "bytes": self.cache.bytes,
+                "entries": len(self.cache),
+                "capacity_bytes": self.cache.capacity_bytes,
+            },
+        }
+
+    def _compute(self, uri: str, task_id: int | None) -> ImageEmbedding:
+        image = self._context.images.load(uri, task_id)
+        with self._lock:
+            embedding = self.engine.embed(image.pixels)
+        return ImageEmbedding(embedding, width=image.width, height=image.height)

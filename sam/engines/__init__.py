@@ -1,0 +1,99 @@
+"""Segmentation engines behind one small interface, and the loader that picks one from settings.
+
+The interface (built-in engines follow it too; custom ones need not subclass `Engine`)::
+
+    class MyEngine:
+        name = "my-engine"                      # goes into model_version and /health
+        def __init__(self): ...                 # no arguments
+        def embed(self, image):                 # HxWx3 uint8 RGB -> embedding (anything)
+        def predict(self, embedding, box=None, points=None, point_labels=None):
+            return mask, score                  # HxW bool for the whole original image, float
+
+`box` is [x0, y0, x1, y1] and `points` [[x, y], ...], in pixel coordinates of the original image
+(x to the right, y down); `point_labels` holds 1 (positive) or 0 (negative) per point.
+Optional: `embedding_nbytes(embedding) -> int` (sizes the byte-capped embedding cache; the default
+sums the numpy / torch buffers found in the embedding) and `device` (a string for /health).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from backends.cache import nbytes
+from backends.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    name: str
+
+    def embed(self, image: np.ndarray) -> Any: ...
+
+    def predict(
+        self,
+        embedding: Any,
+        box: Sequence[float] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, float]: ...
+
+
+def embedding_nbytes(engine: Any, embedding: Any) -> int:
+    """Size of one embedding for the cache: the engine's own `embedding_nbytes` when it has one."""
+    sizer = getattr(engine, "embedding_nbytes", None)
+    return int(sizer(embedding)) if callable(sizer) else nbytes(embedding)
+
+
+def engine_device(engine: Any) -> str:
+    return str(getattr(engine, "device", "cpu"))
+
+
+def load_engine(settings: Settings) -> Any:
+    """The engine named by SAM_ENGINE: `auto` | `sam` | `classic` | `package.module:ClassName`.
+
+    `auto` uses `sam` when SAM_CHECKPOINT names an existing file, otherwise `classic` with a loud
+    warning (masks from classical image processing are far below SAM's).
+    """
+    choice = (settings.sam_engine or "auto").strip()
+    if choice == "auto":
+        if settings.sam_checkpoint and Path(settings.sam_checkpoint).is_file():
+            choice = "sam"
+        else:
+            log.warning(
+                "!!! SAM_CHECKPOINT %r not found: using the weight-free `classic` engine (GrabCut); "
+                "masks will be much worse than SAM's. Download one with `python -m sam.weights download vit_b` "
+                "and set SAM_CHECKPOINT. !!!",
+                settings.sam_checkpoint,
+            )
+            choice = "classic"
+    if choice == "sam":
+        from sam.engines.segment_anything_engine import SamEngine
+
+        return SamEngine.from_settings(settings)
+    if choice == "classic":
+        from sam.engines.classic import ClassicEngine
+
+        return ClassicEngine.from_settings(settings)
+    if ":" in choice:
+        return _custom_engine(choice)
+    raise ValueError(f"SAM_ENGINE={choice!r}: expected auto, sam, classic or package.module:ClassName")
+
+
+def _custom_engine(spec: str) -> Any:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        engine_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"SAM_ENGINE={spec!r}: cannot import {class_name} from {module_name}: {error}") from error
+    engine = engine_class()
+    for method in ("embed", "predict"):
+        if not callable(getattr(engine, method, None)):
+            raise ValueError(f"SAM_ENGINE={spec!r}: the engine has no {method}() method")
+    if not getattr(engine, "name", None):
+        engine.name = class_name  # model_version needs a name; custom engines may omit it
+    return engine

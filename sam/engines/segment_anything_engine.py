@@ -1,0 +1,185 @@
+"""The `sam` engine: Meta's Segment Anything (vit_h | vit_l | vit_b) from a checkpoint.
+
+`embed` runs the image encoder once per image (the expensive step, bf16 autocast where it helps);
+`predict` runs the prompt encoder and mask decoder against that embedding (tens of ms on CPU).
+Each call uses its own `SamPredictor` view of the shared model, so an embedding is never stored
+inside the model object: two annotators on two images cannot read each other's features.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from backends.settings import Settings
+from sam.engines.segment_anything_loader import load_segment_anything
+
+log = logging.getLogger(__name__)
+
+# vit_tiny: a test-only model (tiny image encoder, the real prompt encoder and mask decoder) so the
+# whole backend runs on CPU in tests in well under a second per image.
+_TINY_ENCODER = dict(
+    encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]
+)
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
+
+
+@dataclass(frozen=True)
+class SamEmbedding:
+    """One image's SAM embedding.
+
+    features: 1x256x64x64 float32 tensor on the engine's device.
+    original_size: (H, W) of the original image; input_size: (h, w) after resizing the longest side to 1024.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> torch.nn.Module:
+    """A SAM model of `model_type` in eval mode; weights from `checkpoint` or random when None.
+
+    Checkpoints load with `torch.load(weights_only=True)`: a .pth cannot run code on load.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"SAM_MODEL_TYPE={model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+    sa = load_segment_anything()
+    if model_type == "vit_tiny":
+        model = sa.build_sam_from_parts(**_TINY_ENCODER, checkpoint=None)
+    else:
+        model = sa.sam_model_registry[model_type](checkpoint=None)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(
+                f"SAM checkpoint {path} does not fit SAM_MODEL_TYPE={model_type} "
+                f"(sam_vit_b_01ec64.pth is vit_b, sam_vit_l_0b3195.pth vit_l, sam_vit_h_4b8939.pth vit_h)"
+            ) from error
+    return model.eval()
+
+
+def save_random_checkpoint(path: str | os.PathLike, model_type: str = "vit_tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised (seeded) SAM state dict to `path`; for tests and benchmarks."""
+    torch.manual_seed(seed)
+    model = build_model(model_type)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; `cpu` / `cuda` as given."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={device} but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"DEVICE={device!r}: expected auto, cpu or cuda")
+    return device
+
+
+class SamEngine:
+    """Segment Anything behind the engine interface (see `sam.engines`)."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        model_type: str = "vit_b",
+        device: str = "auto",
+        bf16: bool | None = None,
+    ) -> None:
+        """`checkpoint` None gives random weights (same compute as real ones: benchmarks, tests).
+
+        `bf16` None: bf16 autocast of the image encoder on CUDA and on CPU too. Measured on this
+        2-core CPU (vit_b, random weights, 360x360 image): set_image 9.3 s fp32 vs 4.3 s bf16;
+        embeddings agree to cosine 0.99996 and box masks to IoU 0.998 (min 0.997 over 10 boxes).
+        """
+        self.device = resolve_device(device)
+        self.model_type = model_type
+        self.model = build_model(model_type, checkpoint).to(self.device)
+        self.bf16 = True if bf16 is None else bf16
+        self.name = f"sam-{model_type}"
+        self._sa = load_segment_anything()
+        log.info("SAM %s loaded on %s (bf16 encoder: %s, checkpoint: %s)", model_type, self.device, self.bf16, checkpoint)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SamEngine":
+        checkpoint = settings.sam_checkpoint or None
+        if checkpoint is None:
+            raise ValueError("SAM_ENGINE=sam needs SAM_CHECKPOINT (python -m sam.weights download vit_b)")
+        return cls(checkpoint=checkpoint, model_type=settings.sam_model_type, device=settings.device)
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> SamEmbedding:
+        """HxWx3 uint8 RGB -> SamEmbedding (runs the image encoder)."""
+        image = _as_rgb_uint8(image)
+        predictor = self._sa.SamPredictor(self.model)
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            predictor.set_image(image)
+        return SamEmbedding(
+            features=predictor.features.float(),
+            original_size=tuple(int(v) for v in predictor.original_size),
+            input_size=tuple(int(v) for v in predictor.input_size),
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        embedding: SamEmbedding,
+        box: Sequence[float] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """Decode one prompt -> (HxW bool mask of the original image, predicted IoU score).
+
+        A lone box or a single point is ambiguous: SAM returns three candidates and the one with
+        the highest predicted score wins. A box with points, or several points, is decoded once.
+        """
+        box_array = None if box is None else np.asarray(box, dtype=np.float32).reshape(4)
+        point_array = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        label_array = None
+        if point_array is not None:
+            labels = np.ones(len(point_array)) if point_labels is None else np.asarray(point_labels)
+            label_array = labels.astype(np.int64).reshape(-1)
+            if len(label_array) != len(point_array):
+                raise ValueError(f"{len(point_array)} points but {len(label_array)} point labels")
+        if box_array is None and point_array is None:
+            raise ValueError("a prompt needs a box or at least one point")
+        ambiguous = (box_array is None) != (point_array is None) and (point_array is None or len(point_array) == 1)
+        predictor = self._sa.SamPredictor(self.model)
+        predictor.features = embedding.features
+        predictor.original_size = embedding.original_size
+        predictor.input_size = embedding.input_size
+        predictor.is_image_set = True
+        masks, scores, _ = predictor.predict(
+            point_coords=point_array, point_labels=label_array, box=box_array, multimask_output=ambiguous
+        )
+        best = int(np.argmax(scores))
+        return masks[best].astype(bool), float(scores[best])
+
+    def embedding_nbytes(self, embedding: SamEmbedding) -> int:
+        return int(embedding.features.element_size() * embedding.features.nelement())
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8, copy=False))
+

@@ -1,0 +1,109 @@
+"""Interactive context (Label Studio 1.23 smart tools) -> prompts in pixels."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backends.errors import BadRequest
+from sam.prompts import Prompt, prompts_from_context
+
+W, H = 200, 100
+
+
+def rectangle(x, y, width, height, label="Nucleus", rotation=0, image_rotation=0):
+    return {
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": image_rotation,
+        "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation, "rectanglelabels": [label]},
+        "id": "r1",
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+    }
+
+
+def keypoint(x, y, positive=True, label="Nucleus"):
+    return {
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
+        "is_positive": positive,
+        "id": "k1",
+        "from_name": "point",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
+
+
+def parse(*regions, labels=("Nucleus", "Cell")):
+    return prompts_from_context({"result": list(regions)}, W, H, labels)
+
+
+def test_rectangle_percent_to_pixels():
+    (prompt,) = parse(rectangle(10, 20, 50, 40))
+    assert prompt == Prompt("Nucleus", "image", (20.0, 20.0, 120.0, 60.0), (), (), "box")
+
+
+def test_keypoints_inside_refine_the_rectangle_and_loose_ones_form_their_own_prompt():
+    prompts = parse(rectangle(10, 20, 50, 40), keypoint(30, 40), keypoint(20, 30, positive=False), keypoint(90, 90, label="Cell"))
+    assert len(prompts) == 2
+    box, loose = prompts
+    assert box.box == (20.0, 20.0, 120.0, 60.0)
+    assert box.points == ((60.0, 40.0), (40.0, 30.0)) and box.point_labels == (1, 0)
+    assert loose == Prompt("Cell", "image", None, ((180.0, 90.0),), (1,), "point")
+
+
+def test_keypoints_only_give_one_points_prompt():
+    (prompt,) = parse(keypoint(50, 50), keypoint(10, 10, positive=False))
+    assert prompt.box is None and prompt.label == "Nucleus"
+    assert prompt.points == ((100.0, 50.0), (20.0, 10.0)) and prompt.point_labels == (1, 0)
+
+
+def test_negative_points_alone_describe_nothing():
+    assert parse(keypoint(50, 50, positive=False)) == []
+
+
+def test_two_rectangles_two_prompts_and_a_point_goes_to_the_smallest_holding_it():
+    prompts = parse(rectangle(0, 0, 100, 100, label="Cell"), rectangle(10, 10, 20, 20), keypoint(15, 15))
+    assert [p.label for p in prompts] == ["Cell", "Nucleus"]
+    assert prompts[0].points == () and prompts[1].points == ((30.0, 15.0),)
+
+
+def test_rectangle_partly_outside_is_clipped_and_rotated_one_uses_its_hull():
+    (prompt,) = parse(rectangle(90, 50, 30, 80))
+    assert prompt.box == (180.0, 50.0, 200.0, 100.0)
+    (rotated,) = parse(rectangle(25, 25, 10, 10, rotation=90))
+    x0, y0, x1, y1 = rotated.box  # 20x10 px turned clockwise about (50, 25): 10 wide, 20 tall
+    assert math.isclose(x0, 40.0) and math.isclose(x1, 50.0) and math.isclose(y0, 25.0) and math.isclose(y1, 45.0)
+
+
+@pytest.mark.parametrize(
+    "region, message",
+    [
+        (rectangle(10, 10, 0, 20), "no area"),
+        (rectangle(150, 150, 10, 10), "outside the 200x100 image"),
+        (rectangle(float("nan"), 10, 10, 10), "finite"),
+        (rectangle("10", 10, 10, 10), "must be a number"),
+        (rectangle(10, 10, 10, 10, label="Mitochondrion"), "Mitochondrion"),
+        (rectangle(10, 10, 10, 10, image_rotation=90), "rotated"),
+        (keypoint(120, 50), "outside the image"),
+        ({**rectangle(10, 10, 10, 10), "value": {"x": 1, "y": 1, "width": 1, "height": 1, "rectanglelabels": []}}, "no label"),
+        ({**rectangle(10, 10, 10, 10), "type": "ellipselabels"}, "unsupported type"),
+        ({"type": "rectanglelabels"}, "value"),
+    ],
+)
+def test_bad_regions_are_refused_with_a_message(region, message):
+    with pytest.raises(BadRequest, match=message):
+        parse(region)
+
+
+def test_context_without_result_list_is_refused():
+    with pytest.raises(BadRequest, match="result"):
+        prompts_from_context({"foo": 1}, W, H)
+    with pytest.raises(BadRequest):
+        prompts_from_context([], W, H)
