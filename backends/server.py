@@ -243,7 +243,8 @@ def create_app(
         params.pop("tasks", None)  # never shadow predict's own argument
         response = model.predict(body.tasks, context=prompts, **params)
         results = predictions_of(response, model.model_version)
-        if len(results) != len(body.tasks):
+        # An empty list is a deliberate "nothing yet" (e.g. SAM prewarming); a partial one is a bug.
+        if results and len(results) != len(body.tasks):
             log.warning(
                 "%s returned %d predictions for %d tasks", model_class.__name__, len(results), len(body.tasks)
             )
