@@ -1,0 +1,128 @@
+"""Few-shot segmentation quality on real data, against a plain baseline trained in the same run.
+
+    python -m bench.seg_quality [--minutes M] [--data ../shared/data] [--threads N]
+
+- DSB2018 nuclei, foreground vs background: train on 30 images (fixed, seeded choice), evaluate
+  on a fixed held-out set of other images.
+- Yeast, 3 classes (background, mother, daughter): train on the 12 non-test images, evaluate on
+  `test-image.png` (the source project's validation image).
+
+Ours: the backend's trainer (augmentation, Dice + cross-entropy, best-on-validation weights).
+Baseline: the same network, trainer and time budget without augmentation, cross-entropy only.
+Each training run gets `--minutes` (default 2) of CPU time: 4 runs, ~9 minutes in all.
+Prints one JSON line per figure: value = ours, reference = baseline, ratio = ours / baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segmentation.data import Sample, read_image
+from segmentation.inference import segment_images
+from segmentation.training import TrainConfig, class_scores, fit
+from segmentation.network import build_network
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DSB_TRAIN, DSB_TEST = 30, 40
+
+
+def emit(figure: str, value: float, unit: str, reference: float, **extra) -> None:
+    try:
+        from bench.common import emit as common_emit
+    except ImportError:
+        common_emit = None
+    if common_emit is not None:
+        common_emit(figure, value, unit, reference, **extra)
+        return
+    ratio = value / reference if reference else None
+    print(json.dumps({"figure": figure, "value": round(value, 4), "unit": unit, "reference": round(reference, 4),
+                      "ratio": None if ratio is None else round(ratio, 3), **extra}), flush=True)
+
+
+def dsb2018_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
+    """(30 training, 40 test) samples, foreground = instance label > 0; a fixed seeded choice."""
+    ids = sorted(path.stem for path in (root / "images").glob("*.png"))
+    random.Random(2018).shuffle(ids)
+
+    def sample(image_id: str) -> Sample:
+        labels = np.array(Image.open(root / "labels" / f"{image_id}.png"))
+        return Sample(image_id, read_image(root / "images" / f"{image_id}.png"), (labels > 0).astype(np.uint8))
+
+    return [sample(i) for i in ids[:DSB_TRAIN]], [sample(i) for i in ids[DSB_TRAIN : DSB_TRAIN + DSB_TEST]]
+
+
+def yeast_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
+    """(12 training samples, [test-image]) with masks 0 background, 1 mother, 2 daughter."""
+    def sample(path: Path) -> Sample:
+        return Sample(path.stem, read_image(path), np.array(Image.open(root / "masks" / path.name)).astype(np.uint8))
+
+    paths = sorted((root / "images").glob("*.png"))
+    return [sample(p) for p in paths if p.stem != "test-image"], [sample(root / "images" / "test-image.png")]
+
+
+def run(samples, test, labels, config: TrainConfig) -> tuple[dict, dict]:
+    """Train with `config`, return (scores on `test`, training metrics)."""
+    trained = fit(samples, labels, config)
+    network = build_network(trained.network)
+    network.load_state_dict(trained.state_dict)
+    predictions = segment_images(network, [s.image for s in test], torch.device(config.device))
+    scores = class_scores([s.mask for s in test], [p.mask for p in predictions], len(labels) + 1)
+    return scores, trained.metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.seg_quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=2.0, help="training time per run (4 runs)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if not (args.data / "dsb2018" / "images").is_dir():
+        print(f"error: real data not found at {args.data}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, {args.device}"
+    ours = TrainConfig(minutes=args.minutes, device=args.device, seed=0)
+    baseline = TrainConfig(minutes=args.minutes, device=args.device, seed=0, augment=False, loss="ce")
+
+    started = time.monotonic()
+    train, test = dsb2018_samples(args.data / "dsb2018")
+    data = f"dsb2018: {len(train)} training images, {len(test)} held-out test images (seeded choice)"
+    (ours_scores, ours_metrics), (base_scores, base_metrics) = (
+        run(train, test, ["nucleus"], ours), run(train, test, ["nucleus"], baseline))
+    extra = {"machine": machine, "data": data, "minutes": args.minutes,
+             "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
+    emit("dsb2018_fg_dice", ours_scores["dice"][0], "dice", base_scores["dice"][0], **extra)
+    emit("dsb2018_fg_iou", ours_scores["iou"][0], "iou", base_scores["iou"][0], **extra)
+
+    train, test = yeast_samples(args.data / "yeast")
+    data = f"yeast: {len(train)} training images, evaluated on test-image.png"
+    labels = ["mother", "daughter"]
+    (ours_scores, ours_metrics), (base_scores, base_metrics) = (
+        run(train, test, labels, ours), run(train, test, labels, baseline))
+    extra = {"machine": machine, "data": data, "minutes": args.minutes,
+             "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
+
+    def mean(values):
+        return float(np.mean([v or 0.0 for v in values]))
+
+    emit("yeast_mean_dice", mean(ours_scores["dice"]), "dice", mean(base_scores["dice"]), **extra)
+    for index, label in enumerate(labels):
+        emit(f"yeast_{label}_dice", ours_scores["dice"][index] or 0.0, "dice", base_scores["dice"][index] or 0.0, **extra)
+    emit("yeast_mean_iou", mean(ours_scores["iou"]), "iou", mean(base_scores["iou"]), **extra)
+    print(f"seg_quality finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Training samples: (image, class-index mask) pairs, random crops, normalisation.
+
+Conventions: images are HxWx3 uint8 RGB; masks are HxW uint8 class indices with
+0 = background and k = the k-th label (1-based) of the label map.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segmentation.augment import apply
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. `image` HxWx3 uint8 RGB, `mask` HxW uint8 class indices."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"{self.name}: image must be HxWx3 uint8, got {self.image.shape} {self.image.dtype}")
+        if self.mask.shape != self.image.shape[:2]:
+            raise ValueError(f"{self.name}: mask {self.mask.shape} does not match image {self.image.shape[:2]}")
+
+
+def to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 array (uint8 or uint16) -> HxWx3 uint8 RGB."""
+    if pixels.dtype != np.uint8:
+        top = float(pixels.max()) or 1.0
+        pixels = (pixels.astype(np.float32) * (255.0 / top)).round().astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return np.ascontiguousarray(pixels[:, :, :3])
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> 3xHxW float32, standardised per image (zero mean, unit variance).
+
+    Per-image statistics make fluorescence (dark background) and bright-field images
+    look alike to the network, which matters when only a few examples are labelled.
+    """
+    pixels = image.astype(np.float32).transpose(2, 0, 1)
+    return (pixels - pixels.mean()) / max(float(pixels.std()), 1.0)
+
+
+def pad_to_at_least(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflect-pad image (HxWx3) and mask (HxW) at the bottom/right so both sides are >= size."""
+    height, width = mask.shape
+    pad_h, pad_w = max(0, size - height), max(0, size - width)
+    if not (pad_h or pad_w):
+        return image, mask
+    # Reflection needs the pad to be smaller than the side; "symmetric" repeats as often as needed.
+    mode = "reflect" if pad_h < height and pad_w < width else "symmetric"
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), mode=mode)
+    return image, mask
+
+
+def random_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: random.Random, foreground_bias: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size crop of (HxWx3 image, HxW mask), padded first when smaller.
+
+    With probability `foreground_bias` the crop is centred near a random labelled pixel of a
+    random present class, so rare classes are seen often even in few, large images.
+    """
+    image, mask = pad_to_at_least(image, mask, size)
+    height, width = mask.shape
+    classes = [int(c) for c in np.unique(mask) if c != 0]
+    if classes and rng.random() < foreground_bias:
+        rows, cols = np.nonzero(mask == rng.choice(classes))
+        pick = rng.randrange(len(rows))
+        top = int(rows[pick]) - size // 2 + rng.randint(-size // 4, size // 4)
+        left = int(cols[pick]) - size // 2 + rng.randint(-size // 4, size // 4)
+    else:
+        top, left = rng.randint(0, height - size), rng.randint(0, width - size)
+    top = min(max(top, 0), height - size)
+    left = min(max(left, 0), width - size)
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random augmented crops from `samples`; one epoch = `length` crops.
+
+    Items: (3xSxS float32 normalised image, 1xSxS int64 class indices), S = crop_size.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        crop_size: int,
+        length: int,
+        augment: Callable | None = None,
+        seed: int = 0,
+    ):
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples = list(samples)
+        self.crop_size = crop_size
+        self.length = length
+        self.augment = augment
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[self.rng.randrange(len(self.samples))]
+        image, mask = random_crop(sample.image, sample.mask, self.crop_size, self.rng)
+        image, mask = apply(self.augment, np.ascontiguousarray(image), np.ascontiguousarray(mask))
+        return torch.from_numpy(normalize(image)), torch.from_numpy(mask[None].astype(np.int64))
+
+
+def split_samples(
+    samples: Sequence[Sample], val_fraction: float, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Held-out split: (train, validation). At least one sample is always kept for training;
+    validation is empty when there are fewer than 2 samples or val_fraction <= 0."""
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(order) * val_fraction)) if val_fraction > 0 else 0
+    if len(order) >= 2 and val_fraction > 0:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    else:
+        n_val = 0
+    return order[n_val:], order[:n_val]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Any image file -> HxWx3 uint8 RGB."""
+    with Image.open(path) as opened:
+        if opened.mode in ("I;16", "I;16B", "I", "F"):
+            return to_rgb(np.array(opened))
+        return np.array(opened.convert("RGB"))
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A class-index PNG -> HxW uint8 (pixel value k = k-th label, 0 = background)."""
+    with Image.open(path) as opened:
+        mask = np.array(opened)
+    if mask.ndim == 3:
+        raise ValueError(f"{path.name}: mask has {mask.shape[2]} channels; expected a single-channel class-index PNG")
+    if mask.max(initial=0) > 255:
+        raise ValueError(f"{path.name}: mask value {int(mask.max())} does not fit a class index (0..255)")
+    return mask.astype(np.uint8)
+
+
+def image_files(directory: Path) -> dict[str, Path]:
+    """stem -> path for the image files directly inside `directory`."""
+    return {
+        path.stem: path
+        for path in sorted(Path(directory).iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    }
+
+
+def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Match images with same-stem PNG masks: ([(image, mask), ...], problems).
+
+    `problems` names every image without a mask and every mask without an image.
+    """
+    images = image_files(images_dir)
+    masks = {stem: path for stem, path in image_files(masks_dir).items() if path.suffix.lower() == ".png"}
+    problems = [f"image {images[s].name} has no mask {s}.png in {masks_dir}" for s in sorted(images.keys() - masks.keys())]
+    problems += [f"mask {masks[s].name} has no image with stem {s!r} in {images_dir}" for s in sorted(masks.keys() - images.keys())]
+    pairs = [(images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
+    return pairs, problems
+
+
+def load_pair(image_path: Path, mask_path: Path, n_labels: int) -> Sample:
+    """Read one (image, mask) pair; raises ValueError saying what is wrong with it."""
+    image, mask = read_image(image_path), read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"{mask_path.name}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path.name} "
+            f"is {image.shape[1]}x{image.shape[0]} (width x height)"
+        )
+    if int(mask.max(initial=0)) > n_labels:
+        raise ValueError(f"{mask_path.name}: pixel value {int(mask.max())} but only {n_labels} labels are known")
+    return Sample(name=image_path.stem, image=image, mask=mask)
+
+
+# -- Label Studio annotations -> samples ----------------------------------------------------------
+
+
+def newest_annotation(task: dict) -> dict | None:
+    """The task's newest annotation that was not cancelled (by updated_at, then created_at, then id)."""
+    usable = [
+        annotation for annotation in task.get("annotations") or []
+        if isinstance(annotation, dict) and not annotation.get("was_cancelled")
+    ]
+    if not usable:
+        return None
+    return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+
+
+def samples_from_tasks(
+    tasks: Sequence[dict],
+    image_key: str,
+    output_names: Sequence[str],
+    label_map: dict[str, int],
+    load_pixels: Callable[[str, int | None], np.ndarray],
+) -> tuple[list[Sample], list[str]]:
+    """Turn Label Studio tasks (export JSON: data + annotations) into training samples.
+
+    image_key: the task data key of the Image tag; output_names: the `from_name`s of its brush /
+    polygon tags; label_map: label -> class index (1-based). `load_pixels(uri, task_id)` returns
+    HxWx3 uint8. Uses the newest non-cancelled annotation per task; brush RLE is decoded and
+    polygons rasterised by backends.regions (overlaps: the later region wins). Tasks that cannot
+    be used (no annotation, unfetchable image, no usable region) are skipped: returns
+    (samples, problems), one readable line per skipped task or region.
+    """
+    from backends.errors import BackendError
+    from backends.regions import results_to_class_mask
+
+    samples: list[Sample] = []
+    problems: list[str] = []
+    for task in tasks:
+        task_id = task.get("id")
+        annotation = newest_annotation(task)
+        if annotation is None:
+            continue  # unlabelled (or only cancelled) tasks are simply not training data
+        uri = (task.get("data") or {}).get(image_key)
+        if not isinstance(uri, str):
+            problems.append(f"task {task_id}: no image under data.{image_key}, skipped")
+            continue
+        results = [r for r in annotation.get("result") or [] if isinstance(r, dict) and r.get("from_name") in output_names]
+        try:
+            pixels = load_pixels(uri, task_id)
+        except BackendError as error:
+            problems.append(f"task {task_id}: {error.message}, skipped")
+            continue
+        height, width = pixels.shape[:2]
+        mask, warnings = results_to_class_mask(results, label_map, height, width, overlap="later")
+        problems.extend(f"task {task_id}: {warning}" for warning in warnings)
+        if not mask.any():
+            problems.append(f"task {task_id}: annotation {annotation.get('id')} has no usable region, skipped")
+            continue
+        samples.append(Sample(name=f"task-{task_id}", image=pixels, mask=mask))
+    return samples, problems

@@ -1,0 +1,342 @@
+"""The trained segmentation backend (port 7070): pre-annotates tasks, trains itself from annotations.
+
+The story, in order:
+- startup: pick the device, clean up interrupted version writes, note the fallback model
+  (SEG_CHECKPOINT, else MODEL_DIR's own current version, e.g. one trained offline).
+- predict: the project's current model segments every task's whole image (batched, tiled, never
+  resized); each class present becomes one `brushlabels` region (plus `polygonlabels` where the
+  config has PolygonLabels), scored by its mean confidence; the task's score says how sure the
+  model is overall, so Label Studio can sort by uncertainty. No model yet: empty results.
+- fit: START_TRAINING trains at once; ANNOTATION_CREATED/UPDATED trains once TRAIN_EVERY new
+  annotations have arrived. The webhook returns at once; a training thread (one per project)
+  fetches the project's annotations from Label Studio, trains for TRAIN_MINUTES, saves a new
+  version atomically and only then serves it. Progress and problems are in /health and /metrics.
+
+Versions of project P live in MODEL_DIR/project-P/ (see segmentation/versions.py).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import requests
+
+from backends.errors import BackendError, LabelStudioUnavailable
+from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.regions import brush_region, polygon_regions
+from segmentation.data import samples_from_tasks
+from segmentation.inference import segment_images
+from segmentation.network import resolve_device
+from segmentation.training import Progress, TrainConfig, train
+from segmentation.versions import (
+    METRICS_FILE,
+    LoadedModel,
+    current_version,
+    list_versions,
+    load_version,
+    remove_incomplete,
+)
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+PREDICT_CHUNK = 8  # images decoded and segmented together: bounds memory on "Retrieve predictions"
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass
+class ProjectState:
+    """What the process knows about one project's model and its training (guarded by `lock`)."""
+
+    model: LoadedModel | None = None
+    new_annotations: int = 0
+    training: dict[str, Any] = field(default_factory=lambda: {"state": "idle"})
+    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SegmentationBackend(LabelStudioMLBase):
+    """U-Net pre-annotation for BrushLabels / PolygonLabels projects, trained on their annotations."""
+
+    MODEL_VERSION = UNTRAINED
+    TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "START_TRAINING")
+
+    _context: ClassVar[BackendContext | None] = None
+    _projects: ClassVar[dict[str, ProjectState]] = {}
+    _fallback: ClassVar[LoadedModel | None] = None
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+    _inference_lock: ClassVar[threading.Lock] = threading.Lock()  # one forward pass at a time
+
+    # -- process start ---------------------------------------------------------------------------
+
+    @classmethod
+    def startup(cls, context: BackendContext) -> None:
+        cls._context = context
+        cls._projects = {}
+        cls._device = resolve_device(context.settings.device)
+        model_dir = Path(context.settings.model_dir)
+        for folder in [model_dir, *model_dir.glob("project-*")]:
+            for leftover in remove_incomplete(folder):
+                log.warning("removed %s, left by an interrupted training run", leftover)
+        cls._fallback = cls._load_fallback(context.settings)
+        metrics = context.metrics
+        cls._gauges = {
+            "training": metrics.gauge("seg_training_active", "1 while a training run is going", ["project"]),
+            "epoch": metrics.gauge("seg_training_epoch", "epoch of the current or last run", ["project"]),
+            "loss": metrics.gauge("seg_training_loss", "training loss of the latest step", ["project"]),
+            "val": metrics.gauge("seg_validation_dice", "mean validation Dice of the served model", ["project"]),
+        }
+        cls._runs = metrics.counter("seg_training_runs", "training runs by outcome", ["project", "outcome"])
+        cls._skipped = metrics.counter("seg_training_skipped", "tasks or regions skipped as unusable", ["project"])
+
+    @classmethod
+    def _load_fallback(cls, settings) -> LoadedModel | None:
+        """SEG_CHECKPOINT (a version folder, or a MODEL_DIR-like folder of versions), else
+        MODEL_DIR's own current version, for projects without a model of their own yet."""
+        folder = Path(settings.seg_checkpoint or settings.model_dir)
+        try:
+            if (folder / METRICS_FILE).is_file():
+                return load_version(folder, cls._device)
+            name = current_version(folder)
+            if name is None and settings.seg_checkpoint:
+                log.error("SEG_CHECKPOINT=%s holds no model version written by this trainer", folder)
+            return load_version(folder / name, cls._device) if name else None
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            log.error("cannot load the model in %s: %s", folder, error)
+            return None
+
+    # -- per project -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ProjectState:
+        with self._registry_lock:
+            return self._projects.setdefault(self.project_id or "", ProjectState())
+
+    @property
+    def project_dir(self) -> Path:
+        return Path(self.context.settings.model_dir) / f"project-{self.project_id or 'default'}"
+
+    def setup(self) -> None:
+        served = self.served_model()
+        self.model_version = served.info.version if served else UNTRAINED
+
+    def served_model(self) -> LoadedModel | None:
+        """The project's current version (loaded once), else the fallback model, else None."""
+        state = self.state
+        with state.lock:
+            if state.model is None:
+                name = current_version(self.project_dir)
+                try:
+                    state.model = load_version(self.project_dir / name, self._device) if name else None
+                except (OSError, ValueError, KeyError, RuntimeError) as error:  # keep serving the fallback
+                    log.error("project %s: cannot load version %s: %s", self.project_id, name, error)
+            return state.model or self._fallback
+
+    # -- predict ---------------------------------------------------------------------------------
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> ModelResponse:
+        model = self.served_model()
+        if model is None:  # nothing trained yet: empty pre-annotations, explained in /health
+            return ModelResponse(model_version=UNTRAINED, predictions=[{"result": [], "score": 0.0} for _ in tasks])
+        config = self.parsed_label_config
+        image_name = next(tag.to_name for tag in config.output_tags())
+        image_key = config.images[image_name]
+        predictions = []
+        for start in range(0, len(tasks), PREDICT_CHUNK):
+            predictions += self._predict_chunk(model, tasks[start : start + PREDICT_CHUNK], image_name,
+                                               image_key, single=len(tasks) == 1)
+        return ModelResponse(model_version=model.info.version, predictions=predictions)
+
+    def _predict_chunk(self, model: LoadedModel, tasks: list[dict], image_name: str, image_key: str,
+                       single: bool) -> list[dict]:
+        images = {}
+        for index, task in enumerate(tasks):
+            try:
+                images[index] = self.context.images.load((task.get("data") or {}).get(image_key), task.get("id")).pixels
+            except BackendError as error:
+                if single:
+                    raise  # the annotator opened this task: say what is wrong with its image
+                log.warning("task %s: no prediction, %s", task.get("id"), error.message)
+        with self._inference_lock:
+            segmentations = segment_images(model.network, list(images.values()), model.device,
+                                           size_multiple=model.info.network.size_multiple)
+        by_task = dict(zip(images, segmentations))
+        predictions = []
+        for index in range(len(tasks)):
+            segmentation = by_task.get(index)
+            if segmentation is None:
+                predictions.append({"result": [], "score": 0.0, "model_version": model.info.version})
+                continue
+            regions = self._regions(segmentation, model.info.labels, image_name)
+            predictions.append({"result": regions, "score": segmentation.score, "model_version": model.info.version})
+        return predictions
+
+    def _regions(self, segmentation, model_labels: tuple[str, ...], image_name: str) -> list[dict]:
+        """One brushlabels region per class present (and polygons where the config has them).
+
+        The model's classes are matched to the config by label name: labels the project no longer
+        has are dropped; labels it added are predicted once a model is trained with them.
+        """
+        config = self.parsed_label_config
+        brush, polygon = config.brush_for(image_name), config.polygon_for(image_name)
+        height, width = segmentation.mask.shape
+        regions: list[dict] = []
+        for index, score in sorted(segmentation.class_confidence.items()):
+            label = model_labels[index - 1]
+            mask = segmentation.mask == index
+            if brush is not None and label in brush.labels:
+                regions.append(brush_region(mask, label, brush, width, height, score=score, to_name=image_name))
+            if polygon is not None and label in polygon.labels:
+                regions += polygon_regions(mask, label, polygon, width, height, score=score, to_name=image_name)
+        return regions
+
+    # -- fit -------------------------------------------------------------------------------------
+
+    def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
+        state = self.state
+        with state.lock:
+            if event != "START_TRAINING":
+                state.new_annotations += 1
+                if state.new_annotations < self.context.settings.train_every:
+                    return {"status": "waiting", "new_annotations": state.new_annotations}
+            if state.thread is not None and state.thread.is_alive():
+                return {"status": "already training"}
+            state.new_annotations = 0
+            state.training = {"state": "training", "reason": event, "started": time.time(), "epoch": 0}
+            state.thread = threading.Thread(target=self._train, name=f"train-project-{self.project_id}", daemon=True)
+            state.thread.start()
+        return {"status": "training started"}
+
+    def _train(self) -> None:
+        """The training thread: annotations -> samples -> new version -> served."""
+        project = self.project_id or "default"
+        settings = self.context.settings
+        self._gauges["training"].labels(project).set(1)
+        try:
+            if not self.label_config:  # a webhook arrived before any /setup: ask Label Studio
+                self.use_label_config(self._label_studio_get(f"/api/projects/{self.project_id}")["label_config"])
+            labels = self.parsed_label_config.output_labels()
+            samples, problems = self._training_samples(labels)
+            self._report(problems=problems[:MAX_REPORTED_PROBLEMS], problem_count=len(problems), samples=len(samples))
+            if problems:
+                self._skipped.labels(project).inc(len(problems))
+                log.warning("project %s: %d problems in the training data, e.g. %s", project, len(problems), problems[0])
+            if not samples:
+                raise ValueError("no usable annotated task: nothing to train on")
+            config = TrainConfig(minutes=settings.train_minutes, device=str(self._device),
+                                 val_fraction=settings.val_fraction)
+            info = train(samples, labels, self.project_dir, config, progress=self._on_progress,
+                         should_stop=self.context.stopping.is_set,
+                         extra_training={"project": project, "problem_count": len(problems)})
+            model = load_version(info.path, self._device)  # written and promoted: now serve it
+            with self.state.lock:
+                self.state.model = model
+            self.model_version = info.version
+            self._gauges["val"].labels(project).set(info.metrics["val_mean_dice"])
+            self._report(state="idle", model_version=info.version, finished=time.time(),
+                         val_dice=info.metrics["val_dice"], val_iou=info.metrics["val_iou"])
+            self._runs.labels(project, "ok").inc()
+            log.info("project %s: version %s trained on %d tasks, val mean Dice %.3f",
+                     project, info.version, len(samples), info.metrics["val_mean_dice"])
+        except Exception as error:  # the served model stays; the failure is reported, not raised
+            message = error.message if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
+            log.error("project %s: training failed: %s", project, message, exc_info=not isinstance(error, (BackendError, ValueError)))
+            self._report(state="failed", error=message, finished=time.time())
+            self._runs.labels(project, "failed").inc()
+        finally:
+            self._gauges["training"].labels(project).set(0)
+
+    def _training_samples(self, labels: tuple[str, ...]):
+        config = self.parsed_label_config
+        image_name = next(tag.to_name for tag in config.output_tags())
+        output_names = [tag.name for tag in config.output_tags() if tag.targets(image_name)]
+        label_map = {label: index for index, label in enumerate(labels, start=1)}
+        tasks = self._labelled_tasks()
+        return samples_from_tasks(tasks, config.images[image_name], output_names, label_map,
+                                  lambda uri, task_id: self.context.images.load(uri, task_id).pixels)
+
+    def _labelled_tasks(self) -> list[dict]:
+        """The project's annotated tasks through Label Studio's export API (JSON, annotations inline)."""
+        return self._label_studio_get(f"/api/projects/{self.project_id}/export",
+                                      {"exportType": "JSON", "download_all_tasks": "false"})
+
+    def _label_studio_get(self, path: str, params: dict | None = None) -> Any:
+        """GET a Label Studio API path as JSON, with the key from settings or /setup."""
+        images = self.context.images
+        auth = images.auth()
+        if auth is None:
+            raise LabelStudioUnavailable(
+                "cannot reach the Label Studio API: its URL or API key is unknown "
+                "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend in Label Studio)")
+        for attempt in range(2):
+            try:
+                response = requests.get(f"{images.label_studio_url}{path}", params=params,
+                                        headers=auth.headers(), timeout=120)
+            except requests.RequestException as error:
+                raise LabelStudioUnavailable(f"Label Studio did not answer GET {path}: {type(error).__name__}") from None
+            if response.status_code == 401 and attempt == 0:
+                auth.on_unauthorized()  # a personal access token's access token expired: refresh once
+                continue
+            if response.status_code != 200:
+                raise LabelStudioUnavailable(f"Label Studio answered HTTP {response.status_code} to GET {path}")
+            return response.json()
+        raise LabelStudioUnavailable(f"Label Studio refused the API key for GET {path}")
+
+    def _on_progress(self, progress: Progress) -> None:
+        project = self.project_id or "default"
+        self._gauges["epoch"].labels(project).set(progress.epoch)
+        self._gauges["loss"].labels(project).set(progress.loss)
+        update = {"epoch": progress.epoch, "step": progress.step, "loss": round(progress.loss, 4),
+                  "elapsed_s": round(progress.elapsed_s, 1), "budget_s": progress.budget_s}
+        if progress.best_val_score is not None:
+            update["best_val_dice"] = round(progress.best_val_score, 4)
+        if progress.val_score is not None:
+            update["val_dice"] = round(progress.val_score, 4)
+        self._report(**update)
+
+    def _report(self, **fields: Any) -> None:
+        with self.state.lock:
+            self.state.training = {**self.state.training, **fields}
+
+    # -- what the server reports -----------------------------------------------------------------
+
+    @classmethod
+    def health(cls) -> dict:
+        with cls._registry_lock:
+            projects = dict(cls._projects)
+        report: dict[str, Any] = {
+            "model_state": "ready" if cls._fallback or any(p.model for p in projects.values()) else "no model",
+            "fallback_model": cls._fallback.info.version if cls._fallback else None,
+            "projects": {},
+        }
+        if report["model_state"] == "no model":
+            report["model_state_detail"] = "no trained model yet: predictions are empty until a training run finishes"
+        for project, state in projects.items():
+            with state.lock:
+                served = state.model or cls._fallback
+                report["projects"][project] = {
+                    "model_version": served.info.version if served else UNTRAINED,
+                    "model_labels": list(served.info.labels) if served else [],
+                    "new_annotations": state.new_annotations,
+                    **state.training,
+                }
+        return report
+
+    @classmethod
+    def versions(cls) -> list:
+        if cls._context is None:
+            return []
+        model_dir = Path(cls._context.settings.model_dir)
+        folders = [(None, model_dir)] + [(p.name.removeprefix("project-"), p) for p in sorted(model_dir.glob("project-*"))]
+        listed = []
+        for project, folder in folders:
+            current = current_version(folder)
+            for info in list_versions(folder):
+                listed.append({"version": info.version, "project": project, "created": info.created,
+                               "labels": list(info.labels), "current": info.version == current,
+                               "val_dice": info.metrics.get("val_dice"), "val_iou": info.metrics.get("val_iou")})
+        return listed

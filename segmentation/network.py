@@ -1,0 +1,86 @@
+"""The segmentation network (a monai 2-D U-Net) and its loss.
+
+No pretrained weights: the network starts from random weights and learns from the
+project's own annotations. Class 0 is background; class k (1..K) is the k-th label.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+# Four stride-2 stages: inputs whose sides are multiples of 16 pass through unchanged.
+DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """What is needed to rebuild the same network from a saved state_dict."""
+
+    n_classes: int  # labels + background
+    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    in_channels: int = 3
+    num_res_units: int = 2
+    dropout: float = 0.0
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (2 ** number of down-sampling stages)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"channels": list(self.channels)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "NetworkConfig":
+        return cls(**(dict(data) | {"channels": tuple(data["channels"])}))
+
+
+def build_network(config: NetworkConfig) -> torch.nn.Module:
+    """A 2-D U-Net mapping Bx3xHxW float32 (normalised) to BxCxHxW logits, C = config.n_classes."""
+    if config.n_classes < 2:
+        raise ValueError(f"need at least one label plus background, got n_classes={config.n_classes}")
+    return UNet(
+        spatial_dims=2,
+        in_channels=config.in_channels,
+        out_channels=config.n_classes,
+        channels=config.channels,
+        strides=(2,) * (len(config.channels) - 1),
+        num_res_units=config.num_res_units,
+        norm="batch",
+        dropout=config.dropout,
+    )
+
+
+def build_loss(kind: str = "dice_ce") -> torch.nn.Module:
+    """Loss on (BxCxHxW logits, Bx1xHxW int64 class indices).
+
+    "dice_ce": monai DiceCELoss (softmax, one-hot target), the training default.
+    "ce": plain cross-entropy (the benchmark's baseline).
+    """
+    if kind == "dice_ce":
+        return DiceCELoss(softmax=True, to_onehot_y=True, include_background=True)
+    if kind == "ce":
+        cross_entropy = torch.nn.CrossEntropyLoss()
+        return _SqueezeTarget(cross_entropy)
+    raise ValueError(f"unknown loss {kind!r}; expected 'dice_ce' or 'ce'")
+
+
+class _SqueezeTarget(torch.nn.Module):
+    """Adapts CrossEntropyLoss to the Bx1xHxW target layout monai losses take."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target[:, 0].long())
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

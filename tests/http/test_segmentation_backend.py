@@ -1,0 +1,289 @@
+"""The segmentation backend through HTTP, with a loopback stand-in for Label Studio's API.
+
+The stand-in serves what the backend reads from Label Studio: uploaded images (with the token
+checked), the project export (tasks with their annotations: brush RLE and polygons) and the
+project itself. The real Label Studio end to end test lives in tests/e2e.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from backends.rle import decode_rle, encode_rle
+from backends.server import create_app
+from backends.settings import Settings
+from segmentation.model import SegmentationBackend
+from tests.unit.fake_http import LoopbackServer, Reply
+
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+SIZE = (72, 64)  # height, width
+CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Nucleus" background="red"/>
+  </BrushLabels>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="Nucleus" background="blue"/>
+  </PolygonLabels>
+</View>
+"""
+
+
+def cells(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HxWx3 uint8 image, HxW bool truth): bright disks on a noisy dark background."""
+    rng = np.random.default_rng(seed)
+    height, width = SIZE
+    image = rng.integers(0, 50, (height, width, 3)).astype(np.uint8)
+    truth = np.zeros((height, width), bool)
+    rows, cols = np.ogrid[:height, :width]
+    for _ in range(3):
+        cy, cx, r = rng.integers(10, height - 10), rng.integers(10, width - 10), rng.integers(6, 10)
+        truth |= (rows - cy) ** 2 + (cols - cx) ** 2 < r * r
+    image[truth] = (220, 200, 210)
+    return image, truth
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def brush(mask: np.ndarray, label: str = "Nucleus") -> dict:
+    height, width = mask.shape
+    return {"id": "b1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
+
+
+def square_polygon(label: str = "Nucleus") -> dict:
+    return {"id": "p1", "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+            "original_width": SIZE[1], "original_height": SIZE[0], "image_rotation": 0,
+            "value": {"points": [[5, 5], [30, 5], [30, 30], [5, 30]], "polygonlabels": [label], "closed": True}}
+
+
+def annotation(annotation_id: int, result: list, updated: str, cancelled: bool = False) -> dict:
+    return {"id": annotation_id, "result": result, "was_cancelled": cancelled, "ground_truth": False,
+            "created_at": updated, "updated_at": updated, "lead_time": 3.2, "completed_by": 1}
+
+
+class FakeLabelStudio:
+    """Project 1: tasks 1..8 annotated (brush from the truth, newest wins), plus bad input; 9..11 not."""
+
+    def __init__(self):
+        self.images = {task_id: cells(task_id) for task_id in range(1, 12)}
+        self.export_status = 200
+        tasks = []
+        for task_id in range(1, 9):
+            image, truth = self.images[task_id]
+            annotations = [
+                annotation(10 * task_id, [brush(np.zeros_like(truth) | truth[::-1])], "2026-11-01T10:00:00Z"),
+                annotation(10 * task_id + 1, [brush(truth)], "2026-11-02T10:00:00Z"),  # the newest: used
+            ]
+            if task_id == 1:  # newer but cancelled: ignored
+                annotations.append(annotation(19, [brush(~truth)], "2026-11-03T10:00:00Z", cancelled=True))
+            if task_id == 2:  # a polygon drawn on top (later region wins)
+                annotations[1]["result"].append(square_polygon())
+            tasks.append(self.task(task_id, annotations))
+        tasks.append(self.task(20, [annotation(200, [brush(self.images[1][1], "Mitochondrion")], "2026-11-02T10:00:00Z")],
+                               image="/data/upload/1/cells-1.png"))
+        tasks.append(self.task(21, [annotation(210, [brush(self.images[1][1])], "2026-11-02T10:00:00Z")],
+                               image="/data/upload/1/missing.png"))
+        self.export = tasks
+
+    @staticmethod
+    def task(task_id: int, annotations: list, image: str | None = None) -> dict:
+        return {"id": task_id, "data": {"image": image or f"/data/upload/1/cells-{task_id}.png"},
+                "annotations": annotations, "predictions": [], "project": 1}
+
+    def __call__(self, request) -> Reply:
+        if request.path == "/health":
+            return Reply(200, b'{"status": "UP"}')
+        if request.headers.get("Authorization") != f"Token {TOKEN}":
+            return Reply(401, b'{"detail": "Authentication credentials were not provided."}')
+        if request.path == "/api/projects/1/export":
+            return Reply(self.export_status, json.dumps(self.export).encode())
+        if request.path == "/api/projects/1":
+            return Reply(200, json.dumps({"id": 1, "label_config": CONFIG}).encode())
+        if request.path.startswith("/data/upload/1/cells-"):
+            task_id = int(request.path.rsplit("-", 1)[1].removesuffix(".png"))
+            if task_id in self.images:
+                return Reply(200, png(self.images[task_id][0]), {"Content-Type": "image/png"})
+        return Reply(404, b'{"detail": "Not found."}')
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a 2-core machine shared with other tests, two threads can be 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def label_studio():
+    fake = FakeLabelStudio()
+    with LoopbackServer(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+@pytest.fixture
+def client(label_studio, tmp_path, one_thread):
+    settings = dataclasses.replace(
+        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
+        image_cache_dir=tmp_path / "cache", train_every=2, train_minutes=0.15, val_fraction=0.25, device="cpu")
+    with TestClient(create_app(SegmentationBackend, settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def predict(client, task_ids, config=CONFIG) -> list[dict]:
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/cells-{i}.png"}, "annotations": [], "predictions": []}
+             for i in task_ids]
+    response = client.post("/predict", json={"tasks": tasks, "project": "1.1762076800", "label_config": config,
+                                             "params": {"login": None, "password": None, "context": None}})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def project_health(client) -> dict:
+    return client.get("/health").json().get("projects", {}).get("1", {})
+
+
+def wait_for_training(client, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = project_health(client)
+        if state.get("state") in ("idle", "failed") and state.get("finished"):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"training did not finish in {timeout_s} s: {project_health(client)}")
+
+
+def webhook(client, action: str) -> None:
+    body = {"action": action, "project": {"id": 1, "label_config": CONFIG}}
+    if action.startswith("ANNOTATION"):
+        body |= {"annotation": {"id": 1, "result": []}, "task": {"id": 1}}
+    started = time.monotonic()
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert time.monotonic() - started < 1.0  # Label Studio waits 1 s for a webhook
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_before_any_model_predictions_are_empty_and_health_says_why(client):
+    setup = client.post("/setup", json={"project": "1.1762076800", "schema": CONFIG,
+                                        "hostname": "http://localhost:8080", "access_token": TOKEN})
+    assert setup.status_code == 200 and setup.json()["model_version"] == "untrained"
+    results = predict(client, [9, 10])
+    assert [r["result"] for r in results] == [[], []]
+    assert all(r["model_version"] == "untrained" for r in results)
+    health = client.get("/health").json()
+    assert health["status"] == "UP" and health["model_state"] == "no model"
+    assert "predictions are empty" in health["model_state_detail"]
+    assert client.get("/versions").json() == {"versions": []}
+
+
+def test_annotations_count_towards_train_every(client):
+    webhook(client, "ANNOTATION_CREATED")
+    deadline = time.monotonic() + 10
+    while project_health(client).get("new_annotations") != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert project_health(client)["state"] == "idle" and project_health(client)["new_annotations"] == 1
+    webhook(client, "ANNOTATION_UPDATED")  # the second of TRAIN_EVERY=2: a run starts
+    state = wait_for_training(client)
+    assert state["state"] == "idle" and state["reason"] == "ANNOTATION_UPDATED", state
+    assert state["new_annotations"] == 0
+
+
+def test_start_training_then_predict(client, label_studio):
+    webhook(client, "START_TRAINING")
+    webhook(client, "START_TRAINING")  # while the first run goes: not a second run
+    state = wait_for_training(client)
+    assert state["state"] == "idle", state
+    # What could not be used is reported; the cancelled annotation is not even looked at.
+    problems = " ".join(state["problems"])
+    assert "Mitochondrion" in problems and "missing.png was not found" in problems and state["problem_count"] == 3
+    assert state["samples"] == 8 and state["epoch"] >= 1 and "val_dice" in state
+
+    versions = client.get("/versions").json()["versions"]
+    assert len(versions) == 1 and versions[0]["project"] == "1" and versions[0]["current"]
+    version = versions[0]["version"]
+    assert set(versions[0]["val_dice"]) == {"Nucleus"}
+    metrics = client.get("/metrics").text
+    assert 'seg_training_runs_total{outcome="ok",project="1"} 1.0' in metrics
+    assert "seg_validation_dice" in metrics and "seg_training_epoch" in metrics
+
+    results = predict(client, [9, 10, 11])
+    for task_id, prediction in zip([9, 10, 11], results):
+        assert prediction["model_version"] == version
+        assert 0 < prediction["score"] <= 1
+        brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]
+        polygons = [r for r in prediction["result"] if r["type"] == "polygonlabels"]
+        assert len(brushes) == 1 and brushes[0]["value"]["brushlabels"] == ["Nucleus"]
+        assert brushes[0]["from_name"] == "tag" and brushes[0]["to_name"] == "image"
+        assert (brushes[0]["original_height"], brushes[0]["original_width"]) == SIZE
+        assert 0 < brushes[0]["score"] <= 1
+        assert polygons and all(p["value"]["polygonlabels"] == ["Nucleus"] for p in polygons)
+        predicted = decode_rle(brushes[0]["value"]["rle"], *SIZE)
+        assert iou(predicted, label_studio.images[task_id][1]) > 0.6
+
+    # A failed run (Label Studio down) keeps serving the last good model.
+    label_studio.export_status = 500
+    webhook(client, "START_TRAINING")
+    deadline = time.monotonic() + 30
+    while project_health(client).get("state") != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = project_health(client)
+    assert state["state"] == "failed" and "HTTP 500" in state["error"]
+    assert state["model_version"] == version
+    assert predict(client, [9])[0]["model_version"] == version
+
+
+def test_restart_serves_the_saved_version(label_studio, tmp_path, one_thread):
+    settings = dataclasses.replace(
+        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
+        image_cache_dir=tmp_path / "cache", train_minutes=0.05, device="cpu")
+    with TestClient(create_app(SegmentationBackend, settings)) as first:
+        webhook(first, "START_TRAINING")
+        assert wait_for_training(first)["state"] == "idle"
+        version = first.get("/versions").json()["versions"][0]["version"]
+    with TestClient(create_app(SegmentationBackend, settings)) as second:
+        assert predict(second, [9])[0]["model_version"] == version
+        assert second.post("/setup", json={"project": "1", "schema": CONFIG}).json()["model_version"] == version
+
+
+def test_seg_checkpoint_serves_an_offline_model_and_drops_labels_the_config_lacks(label_studio, tmp_path, one_thread):
+    from segmentation.data import Sample
+    from segmentation.training import TrainConfig, train
+
+    samples = []
+    for task_id in (1, 2, 3):
+        image, truth = label_studio.images[task_id]
+        mask = truth.astype(np.uint8)
+        mask[:, : SIZE[1] // 2] *= 2  # the left half's nuclei are "Mitochondrion"
+        samples.append(Sample(f"s{task_id}", image, mask))
+    info = train(samples, ["Nucleus", "Mitochondrion"], tmp_path / "offline",
+                 TrainConfig(minutes=1, max_epochs=6, steps_per_epoch=10, batch_size=4, device="cpu"))
+    settings = dataclasses.replace(
+        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
+        seg_checkpoint=str(info.path), image_cache_dir=tmp_path / "cache", device="cpu")
+    with TestClient(create_app(SegmentationBackend, settings)) as client:
+        assert client.get("/health").json()["fallback_model"] == info.version
+        results = predict(client, [1, 2, 9, 10])
+        labels = {label for r in results for region in r["result"] for label in region["value"].get("brushlabels", [])}
+        assert all(r["model_version"] == info.version for r in results)
+        assert labels == {"Nucleus"}  # the config has no "Mitochondrion": those regions are dropped
