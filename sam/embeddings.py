@@ -1,7 +1,9 @@
 """Image embeddings for one engine: a byte-capped LRU keyed by stable image identity, single-flight.
 
-Every engine call goes through one lock, so a custom engine that keeps state between `embed` and
-`predict` still never mixes two annotators' images. The key is `ImageFetcher.identity(uri,
+Engine calls are serialised: `embed` calls under one lock, `predict` calls under another, so a
+click on an embedded image need not wait behind another image's (seconds-long) embedding. That is
+safe for the built-in engines, which keep no state between the two; a custom engine shares one
+lock for both unless it declares `independent_embed = True`. The key is `ImageFetcher.identity(uri,
 task_id)` (task id + URI without signature parameters), known before the image is fetched: a
 cached click costs no download and no decode.
 """
@@ -33,7 +35,9 @@ class EmbeddingStore:
     def __init__(self, engine: Any, context: BackendContext):
         self.engine = engine
         self._context = context
-        self._lock = threading.Lock()
+        self._embed_lock = threading.Lock()
+        independent = bool(getattr(engine, "independent_embed", False))
+        self._predict_lock = threading.Lock() if independent else self._embed_lock
         self.cache: ByteLRU[str, ImageEmbedding] = ByteLRU(
             int(context.settings.embedding_cache_mb * 1024 * 1024),
             sizeof=lambda record: embedding_nbytes(engine, record.embedding),
@@ -54,7 +58,7 @@ class EmbeddingStore:
         point_labels: Sequence[int] | None,
     ) -> tuple[np.ndarray, float]:
         """One prompt -> (HxW bool mask, score), checked against the image size."""
-        with self._lock:
+        with self._predict_lock:
             mask, score = self.engine.predict(
                 record.embedding, box=box, points=points or None, point_labels=point_labels or None
             )
@@ -78,6 +82,6 @@ class EmbeddingStore:
 
     def _compute(self, uri: str, task_id: int | None) -> ImageEmbedding:
         image = self._context.images.load(uri, task_id)
-        with self._lock:
+        with self._embed_lock:
             embedding = self.engine.embed(image.pixels)
         return ImageEmbedding(embedding, width=image.width, height=image.height)

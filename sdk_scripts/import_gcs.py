@@ -270,7 +270,8 @@ def gather_metadata(
     images = {name for name in object_names if is_image_name(name)}
     metadata: dict[str, dict] = {}
     for image, sidecar in sidecars.items():
-        metadata[image] = dict(sidecar_documents.get(sidecar, {}))
+        if sidecar in sidecar_documents:  # an unreadable sidecar leaves its image without metadata
+            metadata[image] = dict(sidecar_documents[sidecar])
     unmatched = list(orphan_sidecars)
     if manifest is not None:
         for key, row in manifest.rows.items():
@@ -322,12 +323,15 @@ def read_manifest(location: str, client, key_field: str | None) -> Manifest:
 
 
 def read_sidecars(client, bucket: str, names: Iterable[str], progress: bool) -> tuple[dict[str, dict], list[str]]:
-    """{sidecar name: JSON object}; unreadable sidecars are reported, not fatal."""
+    """{sidecar name: JSON object}; malformed sidecars are reported, not fatal. GCS failing to
+    answer is fatal (UserError) before anything is imported: a task created without its metadata
+    would never get it, since reruns skip images already imported."""
     documents: dict[str, dict] = {}
     problems: list[str] = []
     for name in tqdm(sorted(set(names)), desc="reading sidecars", unit="file", disable=not progress):
+        content = read_object(client, bucket, name)
         try:
-            documents[name] = _json_object(read_object(client, bucket, name).decode("utf-8-sig"), name)
+            documents[name] = _json_object(content.decode("utf-8-sig"), name)
         except (UserError, UnicodeDecodeError) as error:
             problems.append(f"sidecar {name} skipped: {error}")
     return documents, problems

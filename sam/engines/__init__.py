@@ -12,7 +12,9 @@ The interface (built-in engines follow it too; custom ones need not subclass `En
 `box` is [x0, y0, x1, y1] and `points` [[x, y], ...], in pixel coordinates of the original image
 (x to the right, y down); `point_labels` holds 1 (positive) or 0 (negative) per point.
 Optional: `embedding_nbytes(embedding) -> int` (sizes the byte-capped embedding cache; the default
-sums the numpy / torch buffers found in the embedding) and `device` (a string for /health).
+sums the numpy / torch buffers found in the embedding), `device` (a string for /health), and
+`independent_embed = True` when `embed` and `predict` share no state, so a click may be decoded
+while another image is being embedded (otherwise every engine call is serialised by one lock).
 """
 from __future__ import annotations
 

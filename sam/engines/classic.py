@@ -55,6 +55,7 @@ class ClassicEngine:
 
     name = "classic-boxfit"
     device = "cpu"
+    independent_embed = True  # no state between embed and predict (see sam.embeddings)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ClassicEngine":

@@ -94,6 +94,10 @@ def resolve_device(device: str) -> str:
 class SamEngine:
     """Segment Anything behind the engine interface (see `sam.engines`)."""
 
+    # Each predict builds its own SamPredictor around the given embedding; the networks keep no
+    # state, so a click may decode while another image is being encoded (see sam.embeddings).
+    independent_embed = True
+
     def __init__(
         self,
         checkpoint: str | os.PathLike | None = None,

@@ -10,7 +10,7 @@
   clear 422; a host that recovers within the retries gives the right mask; a 404 is not retried.
 - fake-gcs-server killed in the middle of `import_gcs` (real Label Studio): killed while listing,
   the run fails with a one-line message and imports nothing; killed while reading sidecars, a rerun
-  leaves no duplicate tasks (and, xfail, the metadata of the unread sidecars is lost).
+  leaves no duplicate tasks and every task keeps its metadata (the first run stops before importing).
 """
 from __future__ import annotations
 
@@ -437,11 +437,6 @@ def test_gcs_down_mid_import_then_rerun_leaves_no_duplicate_tasks(gcs_down_mid_s
     assert sorted(images) == sorted(expected), (images, first[1], rerun[1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sdk_scripts/import_gcs.py read_sidecars catches the UserError that read_object raises when GCS "
-    "cannot be reached and treats it as one bad sidecar: the run goes on and imports tasks without "
-    "their metadata, and a rerun skips them as already imported, so the metadata is never added. "
-    "Expected: GCS unreachable aborts the run before importing anything (exit 2)."))
 def test_gcs_down_mid_import_loses_no_metadata(gcs_down_mid_sidecars):
     tasks, expected, first, rerun = gcs_down_mid_sidecars
     for task in tasks:
