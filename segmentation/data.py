@@ -246,7 +246,9 @@ def samples_from_tasks(
         height, width = pixels.shape[:2]
         mask, warnings = results_to_class_mask(results, label_map, height, width, overlap="later")
         problems.extend(f"task {task_id}: {warning}" for warning in warnings)
-        if not mask.any():
+        # A submitted annotation with no regions says "all background", a valid lesson; regions
+        # that all turned out unusable (unknown labels, corrupt masks) say nothing.
+        if annotation.get("result") and not mask.any():
             problems.append(f"task {task_id}: annotation {annotation.get('id')} has no usable region, skipped")
             continue
         samples.append(Sample(name=f"task-{task_id}", image=pixels, mask=mask))

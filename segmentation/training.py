@@ -153,6 +153,8 @@ def fit(
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0)
 
+    if not config.minutes > 0:
+        raise ValueError(f"the training budget must be positive, got {config.minutes} minutes (TRAIN_MINUTES)")
     budget_s = config.minutes * 60.0
     started = time.monotonic()
     best_state, best_scores, best_epoch = None, None, 0

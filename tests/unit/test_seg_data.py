@@ -146,6 +146,7 @@ def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
         {"id": 3, "data": {"image": "gone.png"}, "annotations": [annotation(4, [brush(truth)], "2026-01-01")]},
         {"id": 4, "data": {"image": "a.png"}, "annotations": [annotation(5, [brush(truth, "Dog")], "2026-01-01")]},
         {"id": 5, "data": {"image": "a.png"}, "annotations": [annotation(6, [brush(truth, from_name="other")], "2026-01-01")]},
+        {"id": 6, "data": {"image": "a.png"}, "annotations": [annotation(7, [], "2026-01-01")]},  # all background
     ]
     assert newest_annotation(tasks[0])["id"] == 2
 
@@ -155,7 +156,8 @@ def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
         return np.zeros((6, 8, 3), np.uint8)
 
     samples, problems = samples_from_tasks(tasks, "image", ["tag", "poly"], {"Cell": 1, "Bud": 2}, load)
-    assert [s.name for s in samples] == ["task-1"]
+    assert [s.name for s in samples] == ["task-1", "task-6"]
+    assert not samples[1].mask.any()
     expected = truth.astype(np.uint8)
     expected[0:3, 0:2] = 2  # polygon x 0..25 % of 8 = 0..2, y 0..50 % of 6 = 0..3, later wins
     assert samples[0].mask.tolist() == expected.tolist()

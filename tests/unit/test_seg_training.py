@@ -82,3 +82,12 @@ def test_training_respects_the_time_budget(one_thread):
     assert trained.metrics["train_seconds"] < 1 + 5
     assert trained.metrics["steps"] < 1000
     assert trained.state_dict and trained.network.n_classes == 3
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0])
+def test_a_training_budget_that_is_not_positive_is_refused_clearly(minutes):
+    from segmentation.training import fit
+
+    samples = [disks_sample("s0", np.random.default_rng(0))]
+    with pytest.raises(ValueError, match="TRAIN_MINUTES"):
+        fit(samples, ["red", "green"], TrainConfig(minutes=minutes, device="cpu", crop_size=64))
