@@ -55,6 +55,7 @@ from backends.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+DEGRADED_TIMEOUT_S = 2.0  # the /health probe's timeout, and a fetch's while Label Studio is down
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
@@ -111,6 +112,9 @@ class ImageFetcher:
         self._local = threading.local()
         self._gcs_client = None
         self._allowed = tuple(parse_host_entry(entry) for entry in settings.image_allowed_hosts)
+        # Set by check_label_studio (the /health probe): while Label Studio is known to be down,
+        # fetches from it make one short attempt instead of retrying for minutes.
+        self._label_studio_down = False
         allow_pixels(settings.image_max_pixels)
 
     # ----------------------------------------------------------------- Label Studio connection
@@ -147,11 +151,13 @@ class ImageFetcher:
         if not url:
             return False
         try:
-            response = self._session().get(f"{url}/health", timeout=min(2.0, self.settings.image_fetch_timeout_s))
+            response = self._session().get(f"{url}/health", timeout=DEGRADED_TIMEOUT_S)
             response.close()
+            reachable = response.status_code == 200
         except requests.RequestException:
-            return False
-        return response.status_code == 200
+            reachable = False
+        self._label_studio_down = not reachable
+        return reachable
 
     # ----------------------------------------------------------------- identity
     @staticmethod
@@ -233,12 +239,13 @@ class ImageFetcher:
     def _get(self, url: str, name: str) -> bytes:
         """GET with bounded retries (connection errors, timeouts, 429, 5xx) and one re-authorisation
         after a 401/403 from Label Studio for personal access tokens."""
-        attempts = 1 + max(int(self.settings.image_fetch_retries), 0)
+        fail_fast = self._label_studio_down and self._is_label_studio(url)
+        attempts = 1 if fail_fast else 1 + max(int(self.settings.image_fetch_retries), 0)
         failures = 0
         reauthorised = False
         while True:
             try:
-                return self._get_once(url, name)
+                return self._get_once(url, name, fail_fast)
             except _Retryable as exc:
                 failures += 1
                 if failures >= attempts:
@@ -258,8 +265,10 @@ class ImageFetcher:
                        else "no API token is configured: set LABEL_STUDIO_API_KEY")
                 ) from None
 
-    def _get_once(self, url: str, name: str) -> bytes:
+    def _get_once(self, url: str, name: str, fail_fast: bool = False) -> bytes:
         timeout = self.settings.image_fetch_timeout_s
+        if fail_fast:
+            timeout = min(timeout, DEGRADED_TIMEOUT_S)
         deadline = time.monotonic() + 4 * timeout  # the whole transfer, slow drips included
         from_label_studio = False
         for _ in range(MAX_REDIRECTS + 1):

@@ -273,6 +273,18 @@ def test_label_studio_down_is_reported_as_unavailable(tmp_path):
     assert fetcher.check_label_studio() is False
 
 
+def test_fetches_fail_fast_while_the_probe_says_label_studio_hangs(tmp_path):
+    with SilentSocket() as silent:
+        fetcher = make_fetcher(tmp_path, label_studio_url=silent.url, label_studio_api_key="a" * 40,
+                               image_fetch_timeout_s=5.0, image_fetch_retries=2)
+        assert fetcher.check_label_studio() is False
+        started = time.monotonic()
+        with pytest.raises(LabelStudioUnavailable):
+            fetcher.fetch_bytes("/data/upload/1/a.png", 1)
+        # One short attempt, not 3 attempts of 5 s each.
+        assert time.monotonic() - started < 4
+
+
 def test_label_studio_health_probe(ls, tmp_path):
     assert make_fetcher(tmp_path, label_studio_url=ls.url).check_label_studio() is True
     ls.healthy = False
