@@ -16,7 +16,7 @@ The prompt's label is the region's label; the backend maps it to the output labe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping
 
 from backends.coords import percent_box_to_pixels, percent_point_to_pixels
 from backends.errors import BadRequest

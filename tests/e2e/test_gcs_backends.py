@@ -34,12 +34,10 @@ from PIL import Image
 
 from backends.rle import decode_rle
 from sdk_scripts import import_gcs, setup_project
+from tests.e2e.dsb2018 import SIDE, instance_labels, pick_images, true_mask
 
 pytestmark = pytest.mark.e2e
 
-SIDE = 256  # 256x256 grey fluorescence images: quick to train on, segment and fetch
-MEAN_RANGE = (4.0, 25.0)  # dim background: mean grey level
-FOREGROUND_RANGE = (0.05, 0.25)  # nucleus area fraction: IoU not decided by a handful of pixels
 N_TRAIN = 8  # offline training images (never uploaded)
 N_TASKS = 3  # images in the bucket, i.e. gs:// tasks (never trained on)
 TRAIN_MINUTES = 0.5
@@ -52,36 +50,6 @@ SEGMENTATION_ENV = {"DEVICE": "cpu", "TRAIN_EVERY": "1000"}
 
 
 # --------------------------------------------------------------------- data
-def pick_images(shared_data: Path, count: int) -> list[Path]:
-    """The first `count` DSB2018 images (by id) that are 256x256 grey fluorescence images with a dark
-    background (mean in MEAN_RANGE) and a nucleus area fraction in FOREGROUND_RANGE."""
-    chosen = []
-    for path in sorted((shared_data / "dsb2018" / "images").glob("*.png")):
-        with Image.open(path) as image:
-            if image.size != (SIDE, SIDE):
-                continue
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-        if np.abs(pixels - pixels[:, :, :1]).max() > 0:  # colour: bright-field or tissue
-            continue
-        foreground = true_mask(shared_data, path).mean()
-        if MEAN_RANGE[0] <= pixels.mean() <= MEAN_RANGE[1] and FOREGROUND_RANGE[0] <= foreground <= FOREGROUND_RANGE[1]:
-            chosen.append(path)
-            if len(chosen) == count:
-                return chosen
-    raise AssertionError(f"only {len(chosen)} DSB2018 images match the selection, {count} needed")
-
-
-def instance_labels(shared_data: Path, image_path: Path) -> np.ndarray:
-    """HxW uint16 instance labels: 0 background, k nucleus k."""
-    with Image.open(shared_data / "dsb2018" / "labels" / image_path.name) as labels:
-        return np.asarray(labels)
-
-
-def true_mask(shared_data: Path, image_path: Path) -> np.ndarray:
-    """HxW bool: every nucleus (label > 0)."""
-    return instance_labels(shared_data, image_path) > 0
-
-
 def largest_inner_instances(labels: np.ndarray, count: int) -> list[np.ndarray]:
     """The `count` largest instance masks (HxW bool) that do not touch the image border."""
     height, width = labels.shape

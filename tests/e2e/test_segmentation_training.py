@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from backends.rle import decode_rle, encode_rle
+from tests.e2e.dsb2018 import SIDE, pick_images, true_mask
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +26,6 @@ LABEL_CONFIG = """<View>
 </View>"""
 N_IMAGES = 16
 N_ANNOTATED = 10
-SIDE = 256  # only 256x256 images: the fluorescence ones, quick to train on and to segment
-# Mean grey level and nucleus area fraction of the images taken: dim fluorescence with enough
-# nuclei that one image's IoU is not decided by a handful of pixels.
-MEAN_RANGE = (4.0, 25.0)
-FOREGROUND_RANGE = (0.05, 0.25)
 # Short training on this 2-core CPU; TRAIN_EVERY high so that only "Start training" trains.
 BACKEND_ENV = {"DEVICE": "cpu", "TRAIN_MINUTES": "1.5", "TRAIN_EVERY": "1000", "VAL_FRACTION": "0.2"}
 TRAINING_DEADLINE_S = 240.0
@@ -40,31 +34,6 @@ TRAINING_DEADLINE_S = 240.0
 # models over-segment a little (recall ~0.99, precision ~0.7); an empty prediction scores 0.
 MIN_MEAN_IOU = 0.5
 MIN_IMAGE_IOU = 0.35
-
-
-def pick_images(shared_data: Path, count: int) -> list[Path]:
-    """The first `count` DSB2018 images (by id) that are 256x256 grey fluorescence images with
-    a dark background (mean in MEAN_RANGE) and a nucleus area fraction in FOREGROUND_RANGE."""
-    chosen = []
-    for path in sorted((shared_data / "dsb2018" / "images").glob("*.png")):
-        with Image.open(path) as image:
-            if image.size != (SIDE, SIDE):
-                continue
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-        if np.abs(pixels - pixels[:, :, :1]).max() > 0:  # colour: bright-field or tissue
-            continue
-        foreground = true_mask(shared_data, path).mean()
-        if MEAN_RANGE[0] <= pixels.mean() <= MEAN_RANGE[1] and FOREGROUND_RANGE[0] <= foreground <= FOREGROUND_RANGE[1]:
-            chosen.append(path)
-            if len(chosen) == count:
-                return chosen
-    raise AssertionError(f"only {len(chosen)} DSB2018 images match the selection, {count} needed")
-
-
-def true_mask(shared_data: Path, image_path: Path) -> np.ndarray:
-    """HxW bool: every nucleus of the instance label image (label > 0)."""
-    with Image.open(shared_data / "dsb2018" / "labels" / image_path.name) as labels:
-        return np.asarray(labels) > 0
 
 
 def brush_result(mask: np.ndarray) -> dict:

@@ -1,0 +1,62 @@
+"""Fixtures of the reliability suite: loopback image hosts, a fake Label Studio, both backends
+in-process (starlette TestClient over ASGI) with deterministic engines and tiny models.
+
+Tests that start real backend processes are marked `e2e` (the project's marker for backend
+processes on loopback); everything here binds port 0 and talks to 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from backends.server import create_app
+from backends.settings import Settings
+from sam.model import SamBackend
+from segmentation.model import SegmentationBackend
+from tests.reliability.models import save_constant_segmentation_model
+
+BOX_ENGINE = "tests.reliability.engines:BoxEngine"
+RED_ENGINE = "tests.reliability.engines:RedEngine"
+
+
+def sam_client(settings: Settings) -> TestClient:
+    """A TestClient (enter it) for a fresh SamBackend subclass: class-level state per app."""
+    model_class = type("ReliabilitySam", (SamBackend,), {})
+    return TestClient(create_app(model_class, settings), raise_server_exceptions=False)
+
+
+def segmentation_client(settings: Settings) -> TestClient:
+    model_class = type("ReliabilitySegmentation", (SegmentationBackend,), {})
+    return TestClient(create_app(model_class, settings), raise_server_exceptions=False)
+
+
+def base_settings(tmp: Path, **fields) -> Settings:
+    """Settings for an in-process backend: caches and models under `tmp`, fast failures."""
+    defaults = dict(
+        image_cache_dir=tmp / "image-cache",
+        model_dir=tmp / "models",
+        image_fetch_timeout_s=2.0,
+        image_fetch_retries=0,
+        embedding_cache_mb=16,
+        device="cpu",
+    )
+    return dataclasses.replace(Settings(), **(defaults | fields))
+
+
+@pytest.fixture(scope="session")
+def constant_model(tmp_path_factory) -> Path:
+    """A tiny segmentation version predicting "Nucleus" everywhere (SEG_CHECKPOINT)."""
+    return save_constant_segmentation_model(tmp_path_factory.mktemp("seg-checkpoint"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread: on a 2-core machine shared with other tests, more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
