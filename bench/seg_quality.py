@@ -8,14 +8,19 @@
   `test-image.png` (the source project's validation image).
 
 Ours: the backend's trainer (augmentation, Dice + cross-entropy, best-on-validation weights).
-Baseline: the same network, trainer and time budget without augmentation, cross-entropy only.
-Each training run gets `--minutes` (default 2) of CPU time: 4 runs, ~9 minutes in all.
-Prints one JSON line per figure: value = ours, reference = baseline, ratio = ours / baseline.
+Baseline: the same network, trainer, data pipeline and time budget without augmentation,
+cross-entropy only.
+Ours and the baseline train at the same time, each in its own process with the same number of
+torch threads, so both see the same machine load (on a shared machine, two runs one after the
+other can differ by 30 % in steps). Each pair gets `--minutes` of wall time per budget listed
+(default 2): one data set after the other, ~5 minutes for the default, ~15 for `--minutes 2 5`.
+Prints one JSON line per figure and budget: value = ours, reference = baseline, ratio = ours / baseline.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import random
 import sys
@@ -69,8 +74,10 @@ def yeast_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
     return [sample(p) for p in paths if p.stem != "test-image"], [sample(root / "images" / "test-image.png")]
 
 
-def run(samples, test, labels, config: TrainConfig) -> tuple[dict, dict]:
+def run(samples, test, labels, config: TrainConfig, threads: int | None = None) -> tuple[dict, dict]:
     """Train with `config`, return (scores on `test`, training metrics)."""
+    if threads:
+        torch.set_num_threads(threads)
     trained = fit(samples, labels, config)
     network = build_network(trained.network)
     network.load_state_dict(trained.state_dict)
@@ -79,47 +86,57 @@ def run(samples, test, labels, config: TrainConfig) -> tuple[dict, dict]:
     return scores, trained.metrics
 
 
+def run_pair(samples, test, labels, ours: TrainConfig, baseline: TrainConfig, threads: int | None):
+    """Ours and the baseline trained concurrently in two processes: ((scores, metrics), (scores, metrics))."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pool
+    with context.Pool(2) as pool:
+        jobs = [pool.apply_async(run, (samples, test, labels, config, threads)) for config in (ours, baseline)]
+        return tuple(job.get() for job in jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.seg_quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=2.0, help="training time per run (4 runs)")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[2.0],
+                        help="training time per run; several values give figures at several budgets (e.g. 2 5)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per training run (default 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if not (args.data / "dsb2018" / "images").is_dir():
         print(f"error: real data not found at {args.data}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, {args.device}"
-    ours = TrainConfig(minutes=args.minutes, device=args.device, seed=0)
-    baseline = TrainConfig(minutes=args.minutes, device=args.device, seed=0, augment=False, loss="ce")
-
+    if any(not m > 0 for m in args.minutes):
+        parser.error("--minutes must be positive")
+    machine = f"{platform.machine()} {args.threads} torch thread(s) per run, ours and baseline concurrently, {args.device}"
     started = time.monotonic()
-    train, test = dsb2018_samples(args.data / "dsb2018")
-    data = f"dsb2018: {len(train)} training images, {len(test)} held-out test images (seeded choice)"
-    (ours_scores, ours_metrics), (base_scores, base_metrics) = (
-        run(train, test, ["nucleus"], ours), run(train, test, ["nucleus"], baseline))
-    extra = {"machine": machine, "data": data, "minutes": args.minutes,
-             "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
-    emit("dsb2018_fg_dice", ours_scores["dice"][0], "dice", base_scores["dice"][0], **extra)
-    emit("dsb2018_fg_iou", ours_scores["iou"][0], "iou", base_scores["iou"][0], **extra)
-
-    train, test = yeast_samples(args.data / "yeast")
-    data = f"yeast: {len(train)} training images, evaluated on test-image.png"
+    dsb_train, dsb_test = dsb2018_samples(args.data / "dsb2018")
+    yeast_train, yeast_test = yeast_samples(args.data / "yeast")
     labels = ["mother", "daughter"]
-    (ours_scores, ours_metrics), (base_scores, base_metrics) = (
-        run(train, test, labels, ours), run(train, test, labels, baseline))
-    extra = {"machine": machine, "data": data, "minutes": args.minutes,
-             "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
 
     def mean(values):
         return float(np.mean([v or 0.0 for v in values]))
 
-    emit("yeast_mean_dice", mean(ours_scores["dice"]), "dice", mean(base_scores["dice"]), **extra)
-    for index, label in enumerate(labels):
-        emit(f"yeast_{label}_dice", ours_scores["dice"][index] or 0.0, "dice", base_scores["dice"][index] or 0.0, **extra)
-    emit("yeast_mean_iou", mean(ours_scores["iou"]), "iou", mean(base_scores["iou"]), **extra)
+    for minutes in args.minutes:
+        ours = TrainConfig(minutes=minutes, device=args.device, seed=0)
+        baseline = TrainConfig(minutes=minutes, device=args.device, seed=0, augment=False, loss="ce")
+
+        data = f"dsb2018: {len(dsb_train)} training images, {len(dsb_test)} held-out test images (seeded choice)"
+        (ours_scores, ours_metrics), (base_scores, base_metrics) = run_pair(
+            dsb_train, dsb_test, ["nucleus"], ours, baseline, args.threads)
+        extra = {"machine": machine, "data": data, "minutes": minutes,
+                 "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
+        emit("dsb2018_fg_dice", ours_scores["dice"][0], "dice", base_scores["dice"][0], **extra)
+        emit("dsb2018_fg_iou", ours_scores["iou"][0], "iou", base_scores["iou"][0], **extra)
+
+        data = f"yeast: {len(yeast_train)} training images, evaluated on test-image.png"
+        (ours_scores, ours_metrics), (base_scores, base_metrics) = run_pair(
+            yeast_train, yeast_test, labels, ours, baseline, args.threads)
+        extra = {"machine": machine, "data": data, "minutes": minutes,
+                 "steps": ours_metrics["steps"], "reference_steps": base_metrics["steps"]}
+        emit("yeast_mean_dice", mean(ours_scores["dice"]), "dice", mean(base_scores["dice"]), **extra)
+        for index, label in enumerate(labels):
+            emit(f"yeast_{label}_dice", ours_scores["dice"][index] or 0.0, "dice", base_scores["dice"][index] or 0.0, **extra)
+        emit("yeast_mean_iou", mean(ours_scores["iou"]), "iou", mean(base_scores["iou"]), **extra)
     print(f"seg_quality finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0
 
