@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import numpy as np
@@ -169,8 +170,8 @@ class ImageFetcher:
     # ----------------------------------------------------------------- fetching
     def load(self, uri: str, task_id: int | None = None) -> LoadedImage:
         """Fetch and decode: (H, W, 3) uint8 RGB pixels, EXIF orientation applied."""
+        data = self.fetch_bytes(uri, task_id)  # checks uri and task_id first (BadRequest)
         identity = self.identity(uri, task_id)
-        data = self.fetch_bytes(uri, task_id)
         try:
             pixels = decode_image(data, self.settings.image_max_pixels, name=f"image {display_uri(uri)}")
         except ImageUnavailable:
@@ -236,16 +237,17 @@ class ImageFetcher:
         fileuri = base64.urlsafe_b64encode(uri.encode("utf-8")).decode("ascii")
         return self._get(f"{base}/tasks/{int(task_id)}/resolve/?fileuri={quote(fileuri)}", display_uri(uri))
 
-    def _get(self, url: str, name: str) -> bytes:
-        """GET with bounded retries (connection errors, timeouts, 429, 5xx) and one re-authorisation
-        after a 401/403 from Label Studio for personal access tokens."""
-        fail_fast = self._label_studio_down and self._is_label_studio(url)
-        attempts = 1 if fail_fast else 1 + max(int(self.settings.image_fetch_retries), 0)
+    def _attempts(self) -> int:
+        """How many times a transient failure is tried: 1 + IMAGE_FETCH_RETRIES."""
+        return 1 + max(int(self.settings.image_fetch_retries), 0)
+
+    def _retrying(self, attempt: Callable[[], bytes], name: str, attempts: int) -> bytes:
+        """`attempt()` until it returns, at most `attempts` times; only `_Retryable` failures are
+        tried again (after backoff_s, doubled each time), and the last one raises its error."""
         failures = 0
-        reauthorised = False
         while True:
             try:
-                return self._get_once(url, name, fail_fast)
+                return attempt()
             except _Retryable as exc:
                 failures += 1
                 if failures >= attempts:
@@ -253,6 +255,16 @@ class ImageFetcher:
                 delay = self.backoff_s * 2 ** (failures - 1)
                 log.info("fetching %s failed (%s); retry %d of %d in %.2f s", name, exc, failures, attempts - 1, delay)
                 time.sleep(delay)
+
+    def _get(self, url: str, name: str) -> bytes:
+        """GET with bounded retries (connection errors, timeouts, 429, 5xx) and one re-authorisation
+        after a 401/403 from Label Studio for personal access tokens."""
+        fail_fast = self._label_studio_down and self._is_label_studio(url)
+        attempts = 1 if fail_fast else self._attempts()
+        reauthorised = False
+        while True:
+            try:
+                return self._retrying(lambda: self._get_once(url, name, fail_fast), name, attempts)
             except _Unauthorized as exc:
                 auth = self.auth()
                 if auth is not None and auth.is_pat and not reauthorised:
@@ -355,42 +367,67 @@ class ImageFetcher:
     # ----------------------------------------------------------------- direct GCS
     def _read_gcs(self, bucket: str, key: str, uri: str) -> bytes:
         """Read gs://bucket/key with google-cloud-storage (credentials from ADC, or the emulator named
-        by STORAGE_EMULATOR_HOST, both handled by the client library)."""
+        by STORAGE_EMULATOR_HOST, both handled by the client library).
+
+        Each call to Google is bounded by IMAGE_FETCH_TIMEOUT and tried 1 + IMAGE_FETCH_RETRIES times
+        by our own loop: the library's default retry (a 120 s deadline) is switched off, so an
+        unreachable Google fails in seconds, not minutes.
+        """
         try:
-            from google.api_core import exceptions as gexc
             from google.auth.exceptions import DefaultCredentialsError
             from google.cloud import storage
         except ImportError as exc:
             raise _DirectReadUnavailable(f"direct GCS read needs google-cloud-storage ({exc})") from None
+        with self._lock:
+            if self._gcs_client is None:
+                try:
+                    self._gcs_client = storage.Client()
+                except DefaultCredentialsError:
+                    raise _DirectReadUnavailable("direct GCS read has no credentials (GCS_DIRECT_READ)") from None
+                except OSError as exc:  # e.g. no project could be determined
+                    raise _DirectReadUnavailable(f"direct GCS read has no storage client ({exc})") from None
+            client = self._gcs_client
+        name = display_uri(uri)
+        return self._retrying(lambda: self._read_gcs_once(client, bucket, key, name), name, self._attempts())
+
+    def _read_gcs_once(self, client, bucket: str, key: str, name: str) -> bytes:
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+
         timeout = self.settings.image_fetch_timeout_s
         try:
-            with self._lock:
-                if self._gcs_client is None:
-                    self._gcs_client = storage.Client()
-                client = self._gcs_client
-            blob = client.bucket(bucket).get_blob(key, timeout=timeout)
+            blob = client.bucket(bucket).get_blob(key, timeout=timeout, retry=None)
             if blob is None:
-                raise ImageUnavailable(f"image {display_uri(uri)} was not found in bucket {bucket}")
+                raise ImageUnavailable(f"image {name} was not found in bucket {bucket}")
             if blob.size is not None and blob.size > self.settings.image_max_bytes:
                 raise ImageUnavailable(
-                    f"image {display_uri(uri)} is larger than the limit of "
+                    f"image {name} is larger than the limit of "
                     f"{self.settings.image_max_bytes / 2**20:.1f} MiB (IMAGE_MAX_MB)"
                 )
-            return blob.download_as_bytes(timeout=timeout)
-        except DefaultCredentialsError:
+            return blob.download_as_bytes(timeout=timeout, retry=None)
+        except auth_exc.DefaultCredentialsError:
             raise _DirectReadUnavailable("direct GCS read has no credentials (GCS_DIRECT_READ)") from None
+        except (auth_exc.TransportError, requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(ImageUnavailable(f"GCS could not be reached for {name}: {type(exc).__name__}")) from None
+        except auth_exc.GoogleAuthError as exc:  # e.g. RefreshError: the key was refused
+            raise ImageUnavailable(
+                f"GCS did not accept the credentials for {name} ({type(exc).__name__}; check the service account)"
+            ) from None
         except gexc.Forbidden:
-            raise ImageUnavailable(f"GCS refused access to {display_uri(uri)} (check the service account)") from None
+            raise ImageUnavailable(f"GCS refused access to {name} (check the service account)") from None
         except gexc.NotFound:
-            raise ImageUnavailable(f"image {display_uri(uri)} was not found in bucket {bucket}") from None
+            raise ImageUnavailable(f"image {name} was not found in bucket {bucket}") from None
+        except (gexc.TooManyRequests, gexc.ServerError) as exc:
+            raise _Retryable(ImageUnavailable(f"GCS read of {name} failed: {type(exc).__name__}")) from None
         except gexc.GoogleAPIError as exc:
-            raise ImageUnavailable(f"GCS read of {display_uri(uri)} failed: {type(exc).__name__}") from None
+            raise ImageUnavailable(f"GCS read of {name} failed: {type(exc).__name__}") from None
         except requests.RequestException as exc:
-            raise ImageUnavailable(f"GCS could not be reached for {display_uri(uri)}: {type(exc).__name__}") from None
+            raise ImageUnavailable(f"GCS could not be reached for {name}: {type(exc).__name__}") from None
 
 
 class _DirectReadUnavailable(Exception):
     pass
+
 
 
 def _looks_like_image(data: bytes) -> bool:

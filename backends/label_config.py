@@ -136,6 +136,8 @@ def parse_label_config(xml: str) -> LabelConfig:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as exc:
         raise LabelConfigError(f"the label config is not well-formed XML: {exc}") from None
+    except UnicodeError:  # the parser encodes the text first: a lone surrogate ("\\ud800") cannot be
+        raise LabelConfigError("the label config is not valid Unicode text (it holds a lone surrogate)") from None
 
     images: dict[str, str] = {}
     controls: list[ControlTag] = []

@@ -38,6 +38,7 @@ from backends.protocol import (
     VersionsResponse,
     WebhookRequest,
     WebhookResponse,
+    predict_arguments,
     predictions_of,
     project_id_of,
 )
@@ -238,9 +239,7 @@ def create_app(
     )
     def predict(body: PredictRequest) -> Response:
         model = instances.get(project_id_of(body.project), body.label_config)
-        params = body.params.model_dump() if body.params is not None else {}
-        prompts = params.pop("context", None)
-        params.pop("tasks", None)  # never shadow predict's own argument
+        prompts, params = predict_arguments(body.params)
         response = model.predict(body.tasks, context=prompts, **params)
         results = predictions_of(response, model.model_version)
         # An empty list is a deliberate "nothing yet" (e.g. SAM prewarming); a partial one is a bug.

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 from backends.errors import BadRequest
 from backends.label_config import BRUSH_TYPES, POLYGON_TYPES, ControlTag, LabelConfig
 from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.protocol import image_uri_of
 from backends.regions import brush_region, polygon_regions
 from sam.embeddings import EmbeddingStore
 from sam.engines import load_engine
-from sam.prompts import prompts_from_context
+from sam.prompts import context_regions, prompts_from_context
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class SamBackend(LabelStudioMLBase):
 
     def _segment(self, task: dict, context: dict) -> dict:
         config = self.parsed_label_config
-        to_name = _prompted_image(context, config)
-        record = self.store.get(_image_uri(task, config, to_name), task.get("id"))
+        to_name = _prompted_image(context_regions(context), config)
+        record = self.store.get(image_uri_of(task, config.images[to_name]), task.get("id"))
         prompts = prompts_from_context(context, record.width, record.height, config.output_labels())
         regions, scores = [], []
         for prompt in prompts:
@@ -91,9 +92,10 @@ class SamBackend(LabelStudioMLBase):
         try:
             config = self.parsed_label_config
             for to_name in _output_images(config):
-                self.store.get(_image_uri(task, config, to_name), task.get("id"))
+                self.store.get(image_uri_of(task, config.images[to_name]), task.get("id"))
         except Exception as error:  # a background job: nobody waits for its answer
-            log.warning("prewarm of task %s failed: %s", task.get("id"), getattr(error, "message", error))
+            task_id = task.get("id") if isinstance(task, dict) else None  # webhook tasks are unchecked
+            log.warning("prewarm of task %s failed: %s", task_id, getattr(error, "message", error))
 
 
 # -- label config lookups -------------------------------------------------------------------------
@@ -104,10 +106,10 @@ def _output_images(config: LabelConfig) -> list[str]:
     return [name for name in config.images if any(tag.targets(name) for tag in config.output_tags())]
 
 
-def _prompted_image(context: dict, config: LabelConfig) -> str:
-    """The Image tag the smart tool was used on (the regions' to_name), else the first output image."""
-    regions = context.get("result") if isinstance(context, dict) else None
-    names = {region.get("to_name") for region in regions or [] if isinstance(region, dict)} - {None}
+def _prompted_image(regions: list[dict], config: LabelConfig) -> str:
+    """The Image tag the smart tool was used on (the regions' to_name), else the first output image.
+    `regions`: the context's regions, shape already checked by `context_regions`."""
+    names = {region.get("to_name") for region in regions} - {None}
     if len(names) > 1:
         raise BadRequest(f"interactive prompts on several images at once ({', '.join(sorted(names))})")
     images = _output_images(config)
@@ -115,14 +117,6 @@ def _prompted_image(context: dict, config: LabelConfig) -> str:
     if name not in config.images:
         raise BadRequest(f"the label config has no Image tag named {name!r}")
     return name
-
-
-def _image_uri(task: dict, config: LabelConfig, to_name: str) -> str:
-    key = config.images[to_name]
-    uri = (task.get("data") or {}).get(key) if isinstance(task, dict) else None
-    if not isinstance(uri, str) or not uri:
-        raise BadRequest(f"task {task.get('id') if isinstance(task, dict) else '?'} has no image URI in data.{key}")
-    return uri
 
 
 def _output_tags(config: LabelConfig, to_name: str, label: str) -> list[ControlTag]:

@@ -64,17 +64,10 @@ def prompts_from_context(
     Raises BadRequest (with a message) for malformed regions, NaN, zero area, prompts outside
     the image, a missing or unknown label, and image_rotation != 0 (not supported).
     """
-    if not isinstance(context, Mapping):
-        raise BadRequest(f"interactive context must be an object with a 'result' list, got {type(context).__name__}")
-    regions = context.get("result")
-    if not isinstance(regions, list):
-        raise BadRequest("interactive context has no 'result' list")
     boxes: list[tuple[tuple[float, float, float, float], str, str, str]] = []
     points: list[_Point] = []
-    for index, region in enumerate(regions):
+    for index, region in enumerate(context_regions(context)):
         where = f"context region {index}"
-        if not isinstance(region, Mapping) or not isinstance(region.get("value"), Mapping):
-            raise BadRequest(f"{where}: expected an object with a 'value' object")
         _refuse_rotated_image(region, where)
         kind = region.get("type")
         if kind not in (RECTANGLE, KEYPOINT):
@@ -87,6 +80,29 @@ def prompts_from_context(
             xy = _point(region["value"], width, height, where)
             points.append(_Point(xy, _is_positive(region), label, to_name, from_name))
     return _assemble(boxes, points)
+
+
+def context_regions(context: Any) -> list[Mapping[str, Any]]:
+    """The regions of an interactive context, checked for shape before anything reads them.
+
+    Label Studio sends `{"result": [region, ...]}`; every region must be an object with a 'value'
+    object, and its 'to_name' / 'from_name' (tag names), when present, strings. Raises BadRequest
+    otherwise. Values inside 'value' (numbers, labels) are checked by `prompts_from_context`.
+    """
+    if not isinstance(context, Mapping):
+        raise BadRequest(f"interactive context must be an object with a 'result' list, got {type(context).__name__}")
+    regions = context.get("result")
+    if not isinstance(regions, list):
+        raise BadRequest(f"interactive context has no 'result' list (got {type(regions).__name__})")
+    for index, region in enumerate(regions):
+        where = f"context region {index}"
+        if not isinstance(region, Mapping) or not isinstance(region.get("value"), Mapping):
+            raise BadRequest(f"{where}: expected an object with a 'value' object")
+        for key in ("to_name", "from_name"):
+            name = region.get(key)
+            if name is not None and not isinstance(name, str):
+                raise BadRequest(f"{where}: {key} must be a tag name (a string), got {type(name).__name__}")
+    return regions
 
 
 def _assemble(

@@ -27,12 +27,14 @@ import requests
 
 from backends.errors import BackendError, LabelStudioUnavailable
 from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.protocol import image_uri_of
 from backends.regions import brush_region, polygon_regions
 from segmentation.data import samples_from_tasks
 from segmentation.inference import segment_images
 from segmentation.network import resolve_device
 from segmentation.training import Progress, TrainConfig, train
 from segmentation.versions import (
+    LOAD_ERRORS,
     METRICS_FILE,
     LoadedModel,
     current_version,
@@ -68,6 +70,7 @@ class SegmentationBackend(LabelStudioMLBase):
     _context: ClassVar[BackendContext | None] = None
     _projects: ClassVar[dict[str, ProjectState]] = {}
     _fallback: ClassVar[LoadedModel | None] = None
+    _fallback_error: ClassVar[str | None] = None  # why the fallback model could not be loaded
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
     _inference_lock: ClassVar[threading.Lock] = threading.Lock()  # one forward pass at a time
 
@@ -96,8 +99,11 @@ class SegmentationBackend(LabelStudioMLBase):
     @classmethod
     def _load_fallback(cls, settings) -> LoadedModel | None:
         """SEG_CHECKPOINT (a version folder, or a MODEL_DIR-like folder of versions), else
-        MODEL_DIR's own current version, for projects without a model of their own yet."""
+        MODEL_DIR's own current version, for projects without a model of their own yet.
+        A model that cannot be loaded (a refused pickle included) is logged and reported in /health,
+        and the backend starts without it."""
         folder = Path(settings.seg_checkpoint or settings.model_dir)
+        cls._fallback_error = None
         try:
             if (folder / METRICS_FILE).is_file():
                 return load_version(folder, cls._device)
@@ -105,8 +111,10 @@ class SegmentationBackend(LabelStudioMLBase):
             if name is None and settings.seg_checkpoint:
                 log.error("SEG_CHECKPOINT=%s holds no model version written by this trainer", folder)
             return load_version(folder / name, cls._device) if name else None
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+        except LOAD_ERRORS as error:
             log.error("cannot load the model in %s: %s", folder, error)
+            first_line = next(iter(str(error).splitlines()), "")
+            cls._fallback_error = f"cannot load the model in {folder}: {type(error).__name__}: {first_line}"[:300]
             return None
 
     # -- per project -----------------------------------------------------------------------------
@@ -132,7 +140,7 @@ class SegmentationBackend(LabelStudioMLBase):
                 name = current_version(self.project_dir)
                 try:
                     state.model = load_version(self.project_dir / name, self._device) if name else None
-                except (OSError, ValueError, KeyError, RuntimeError) as error:  # keep serving the fallback
+                except LOAD_ERRORS as error:  # keep serving the fallback
                     log.error("project %s: cannot load version %s: %s", self.project_id, name, error)
             return state.model or self._fallback
 
@@ -153,14 +161,16 @@ class SegmentationBackend(LabelStudioMLBase):
 
     def _predict_chunk(self, model: LoadedModel, tasks: list[dict], image_name: str, image_key: str,
                        single: bool) -> list[dict]:
-        images = {}
+        images, problems = {}, {}
         for index, task in enumerate(tasks):
+            task_id = task.get("id") if isinstance(task, dict) else None
             try:
-                images[index] = self.context.images.load((task.get("data") or {}).get(image_key), task.get("id")).pixels
+                images[index] = self.context.images.load(image_uri_of(task, image_key), task_id).pixels
             except BackendError as error:
                 if single:
                     raise  # the annotator opened this task: say what is wrong with its image
-                log.warning("task %s: no prediction, %s", task.get("id"), error.message)
+                log.warning("task %s: no prediction, %s", task_id, error.message)
+                problems[index] = error.message
         with self._inference_lock:
             segmentations = segment_images(model.network, list(images.values()), model.device,
                                            size_multiple=model.info.network.size_multiple)
@@ -168,8 +178,9 @@ class SegmentationBackend(LabelStudioMLBase):
         predictions = []
         for index in range(len(tasks)):
             segmentation = by_task.get(index)
-            if segmentation is None:
-                predictions.append({"result": [], "score": 0.0, "model_version": model.info.version})
+            if segmentation is None:  # the task's image failed: an empty prediction that says why
+                predictions.append({"result": [], "score": 0.0, "model_version": model.info.version,
+                                    "error": problems[index]})
                 continue
             regions = self._regions(segmentation, model.info.labels, image_name)
             predictions.append({"result": regions, "score": segmentation.score, "model_version": model.info.version})
@@ -315,6 +326,8 @@ class SegmentationBackend(LabelStudioMLBase):
         }
         if report["model_state"] == "no model":
             report["model_state_detail"] = "no trained model yet: predictions are empty until a training run finishes"
+        if cls._fallback_error:
+            report["fallback_model_error"] = cls._fallback_error
         for project, state in projects.items():
             with state.lock:
                 served = state.model or cls._fallback

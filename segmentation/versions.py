@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ WEIGHTS_FILE = "weights.pt"
 METRICS_FILE = "metrics.json"
 CURRENT_FILE = "current"
 INCOMPLETE_PREFIX = ".incomplete-"
+#: What `load_version` raises for a version it cannot load: missing or unreadable files, a bad
+#: metrics.json, weights that do not fit the network, or a pickle torch refuses (weights_only=True).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,9 @@ def list_versions(model_dir: Path) -> list[VersionInfo]:
 
 
 def load_version(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a version directory (one this trainer wrote, e.g. SEG_CHECKPOINT) onto `device`."""
+    """Load a version directory (one this trainer wrote, e.g. SEG_CHECKPOINT) onto `device`.
+
+    Raises one of LOAD_ERRORS when the version cannot be loaded (refused pickles included)."""
     path = Path(path)
     info = VersionInfo.read(path)
     device = torch.device(device)

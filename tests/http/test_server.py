@@ -297,6 +297,16 @@ def test_batch_predict_returns_one_result_per_task_in_order(client, model_class)
     assert call["kwargs"] == {"login": None, "password": None}
 
 
+def test_params_that_would_collide_with_predicts_own_arguments_are_dropped(client, model_class):
+    body = predict_body([ls_task(1)])
+    body["params"] |= {"self": 1, "tasks": [], "extra": "kept"}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    call = model_class.predict_calls[-1]
+    assert call["kwargs"] == {"login": None, "password": None, "extra": "kept"}
+    assert [task["id"] for task in call["tasks"]] == [1]
+
+
 def test_interactive_smart_rectangle_reaches_predict_as_context(client, model_class):
     response = client.post("/predict", json=predict_body([ls_task(1)], context=SMART_RECTANGLE))
     assert response.status_code == 200, response.text
@@ -540,6 +550,11 @@ def test_interactive_context_of_several_megabytes_is_accepted_by_default(client)
         ("/setup", b'{"schema": "<View/>"}', 422, "project"),
         ("/webhook", b'{"project": {"id": 1}}', 422, "action"),
         ("/webhook", b'{"action": 5}', 422, "action"),
+        ("/predict", b'{"tasks": [{"id": 1, "data": {"image": "\\ud800.png"}}]}', 400, "tasks.0.data.image"),
+        ("/webhook", b'{"action": "START_TRAINING", "project": {"id": 1, "t\\udc00": 2}}', 400, "surrogate"),
+        ("/setup", b'{"project": "1/2", "schema": "<View/>"}', 400, "project must be"),
+        ("/predict", b'{"tasks": [], "project": "1\\u0000.2"}', 400, "project must be"),
+        ("/webhook", b'{"action": "START_TRAINING", "project": {"id": -1}}', 400, "project must be"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(

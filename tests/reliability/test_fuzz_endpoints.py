@@ -9,7 +9,7 @@ and a tiny fallback model, so /predict really fetches and segments) and per endp
 - GET /health, /versions, /metrics: 1000 requests with generated query strings, headers, path
   suffixes and methods (the schema gives these endpoints no parameters to fuzz).
 A smaller run repeats the Label Studio-shaped cases over real HTTP against `python -m sam` and
-`python -m segmentation`. Known server bugs found this way are pinned as strict xfails at the end.
+`python -m segmentation`. Bugs found this way are pinned, fixed, by the tests at the end.
 """
 from __future__ import annotations
 
@@ -92,60 +92,6 @@ def post_raw(client, endpoint: str, body) -> object:
     return client.post(endpoint, content=payloads.encode(body), headers={"Content-Type": "application/json"})
 
 
-# -- inputs that hit known bugs (each pinned by a strict xfail below); the fuzzers skip them so
-# they keep exploring past them. Remove an entry once its bug is fixed.
-
-
-def _context(body) -> object:
-    params = body.get("params") if isinstance(body, dict) else None
-    return params.get("context") if isinstance(params, dict) else None
-
-
-def hits_known_bug(backend: str, endpoint: str, body) -> str | None:
-    """The name of the known bug `body` triggers, or None."""
-    try:
-        return _known_bug(backend, endpoint, body)
-    except Exception:  # a body too broken to inspect hits none of them
-        return None
-
-
-known_bug_hits: collections.Counter = collections.Counter()
-
-
-def check_fuzzed_answer(backend: str, endpoint: str, body, response) -> None:
-    """`check_answer`, except that a 500 caused by a known bug (pinned below) is counted, not failed."""
-    if response.status_code == 500:
-        bug = hits_known_bug(backend, endpoint, body)
-        if bug is not None:
-            known_bug_hits[bug] += 1
-            return
-    check_answer(response)
-
-
-def _known_bug(backend: str, endpoint: str, body) -> str | None:
-    context = _context(body)
-    if backend == "segmentation" and endpoint in ("/setup", "/predict") and "\x00" in str(body.get("project")):
-        return "segmentation-project-id-with-nul"
-    if endpoint == "/predict" and any(
-        isinstance(task, dict) and task.get("data") and not isinstance(task["data"], dict) for task in body["tasks"]
-    ):
-        return "task-data-not-an-object"
-    if backend == "sam" and endpoint == "/predict" and isinstance(context, dict) and body.get("tasks"):
-        result = context.get("result")
-        if result and not isinstance(result, (list, str, dict)):
-            return "sam-context-result-not-a-list"
-        if isinstance(result, list) and any(
-            isinstance(region, dict) and isinstance(region.get("to_name"), (list, dict)) for region in result
-        ):
-            return "sam-unhashable-to-name"
-    if backend == "segmentation" and endpoint == "/predict" and isinstance(body, dict):
-        for task in body.get("tasks") or []:
-            data = task.get("data") if isinstance(task, dict) else None
-            if not isinstance(data, dict) or not all(isinstance(data.get(key), str) for key in ("image", "picture")):
-                return "segmentation-task-without-image-uri"
-    return None
-
-
 # -- schemathesis, from the servers' own OpenAPI schema ---------------------------------------------
 
 
@@ -178,7 +124,7 @@ def test_schemathesis_cases(world, backend, endpoint):
         @fuzz_settings(examples)
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case):
-            check_fuzzed_answer(backend, endpoint, case.body, send_case(client, case))
+            check_answer(send_case(client, case))
             count[mode] += 1
             sent[backend, endpoint] += 1
 
@@ -203,7 +149,7 @@ def test_label_studio_shaped_cases(world, backend, endpoint):
     @given(body=bodies)
     def run(body):
         nonlocal count
-        check_fuzzed_answer(backend, endpoint, body, post_raw(client, endpoint, body))
+        check_answer(post_raw(client, endpoint, body))
         count += 1
         sent[backend, endpoint] += 1
 
@@ -247,7 +193,6 @@ def test_every_endpoint_of_both_backends_got_1000_cases(world):
     if not ran:
         pytest.skip("run together with the fuzz tests above (they were deselected)")
     print("\nfuzz cases per endpoint:", dict(sorted(ran.items())))
-    print("500s from known bugs (strict xfails below):", dict(known_bug_hits))
     for backend in BACKENDS:
         for endpoint in POST_ENDPOINTS + GET_ENDPOINTS:
             assert sent[backend, endpoint] >= 1000, (backend, endpoint, sent[backend, endpoint])
@@ -270,7 +215,6 @@ def test_label_studio_shaped_cases_over_real_http(world, backend, tmp_path, cons
     uris = strategies.image_uris(world.uris)
     bodies = {"/setup": strategies.setup_bodies, "/predict": strategies.predict_bodies(uris),
               "/webhook": strategies.webhook_bodies(uris)}
-    known_before = sum(known_bug_hits.values())
     with BackendProcess(module, env, tmp_path / "backend.log") as process, requests.Session() as http:
         for endpoint, strategy in bodies.items():
             count = 0
@@ -281,7 +225,7 @@ def test_label_studio_shaped_cases_over_real_http(world, backend, tmp_path, cons
                 nonlocal count
                 response = http.post(process.url + endpoint, data=payloads.encode(body),
                                      headers={"Content-Type": "application/json"}, timeout=30)
-                check_fuzzed_answer(backend, endpoint, body, response)
+                check_answer(response)
                 count += 1
 
             run()
@@ -290,60 +234,52 @@ def test_label_studio_shaped_cases_over_real_http(world, backend, tmp_path, cons
             check_answer(http.get(process.url + endpoint, timeout=10))
         check_healthy(lambda path: http.get(process.url + path, timeout=10))
         assert process.process.poll() is None, process.log()[-3000:]
-    # Every 500 the server logged came from a known bug (and was counted as such).
-    assert process.log().count("unexpected error answering") == sum(known_bug_hits.values()) - known_before
+    assert "unexpected error answering" not in process.log()  # not a single 500
 
 
-# -- known bugs found by these fuzzers (strict: they start failing once fixed) ----------------------
+# -- bugs these fuzzers found, each pinned by the input that hit it -------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="backends/server.py predict(): params keys are passed as **kwargs to "
-                   "model.predict, so params.self raises TypeError (500) instead of being ignored or a 400")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_params_named_self_is_not_a_server_error(world, backend):
     body = payloads.predict_body([payloads.task(1, world.ok_url)], None, self=1)
     response = world.clients[backend].post("/predict", json=body)
     check_answer(response)
+    assert response.status_code == 200, describe(response)  # predict's own arguments are never shadowed
 
 
-@pytest.mark.xfail(strict=True, reason="backends/server.py webhook(): the 'ignored' answer echoes the action; "
-                   "a lone surrogate (\\ud800) cannot be encoded as UTF-8 by JSONAnswer -> 500")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_webhook_action_with_a_lone_surrogate_is_not_a_server_error(world, backend):
     response = world.clients[backend].post("/webhook", content=b'{"action": "\\ud800"}',
                                            headers={"Content-Type": "application/json"})
     check_answer(response)
+    assert response.status_code == 400 and "surrogate" in response.json()["error"], describe(response)
 
 
-@pytest.mark.xfail(strict=True, reason="backends/label_config.py parse_label_config(): ElementTree.fromstring "
-                   "raises UnicodeEncodeError for a lone surrogate; only ParseError is turned into a 400")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_label_config_with_a_lone_surrogate_is_a_400(world, backend):
     body = b'{"tasks": [], "project": "7", "label_config": "<View>\\ud800</View>"}'
     response = world.clients[backend].post("/predict", content=body, headers={"Content-Type": "application/json"})
     check_answer(response)
+    assert response.status_code == 400 and "label_config" in response.json()["error"], describe(response)
 
 
-@pytest.mark.xfail(strict=True, reason="sam/model.py _prompted_image() (line ~110) iterates context['result'] "
-                   "before prompts_from_context validates it: a non-list such as true or 5 raises TypeError (500)")
 @pytest.mark.parametrize("result", [True, 5])
 def test_interactive_context_result_that_is_not_a_list_is_a_400(world, result):
     body = payloads.predict_body([payloads.task(1, world.ok_url)], {"result": result})
-    check_answer(world.clients["sam"].post("/predict", json=body))
+    response = world.clients["sam"].post("/predict", json=body)
+    check_answer(response)
+    assert response.status_code == 400 and "'result' list" in response.json()["error"], describe(response)
 
 
-@pytest.mark.xfail(strict=True, reason="sam/model.py _prompted_image() (line ~110) puts each region's to_name "
-                   "in a set: a list or object to_name raises TypeError: unhashable (500)")
 def test_interactive_region_with_a_list_to_name_is_a_400(world):
     region = payloads.rectangle(10, 10, 20, 20) | {"to_name": ["image"]}
     body = payloads.predict_body([payloads.task(1, world.ok_url)], {"result": [region]})
-    check_answer(world.clients["sam"].post("/predict", json=body))
+    response = world.clients["sam"].post("/predict", json=body)
+    check_answer(response)
+    assert response.status_code == 400 and "to_name" in response.json()["error"], describe(response)
 
 
-@pytest.mark.xfail(strict=True, reason="backends/images.py ImageFetcher.load() computes identity(uri) (uri.strip()) "
-                   "before fetch_bytes() checks the type, and segmentation/model.py _predict_chunk() calls "
-                   "(task.get('data') or {}).get(...) on non-dict data: AttributeError (500) instead of a 400 "
-                   "for one task / an empty prediction within a batch")
 @pytest.mark.parametrize("data", [{}, {"image": None}, ["not", "a", "dict"]])
 def test_segmentation_task_without_an_image_uri_is_a_4xx_or_an_empty_prediction(world, data):
     client = world.clients["segmentation"]
@@ -354,21 +290,21 @@ def test_segmentation_task_without_an_image_uri_is_a_4xx_or_an_empty_prediction(
     batch = client.post("/predict", json=payloads.predict_body([payloads.task(1, world.ok_url), broken]))
     assert batch.status_code == 200, describe(batch)
     assert batch.json()["results"][1]["result"] == []
+    assert "task 5" in batch.json()["results"][1]["error"]  # the empty prediction says why
+    assert batch.json()["results"][0]["result"]  # the good task of the batch is still predicted
 
 
-@pytest.mark.xfail(strict=True, reason="sam/model.py _image_uri() (line ~122) calls (task.get('data') or {}).get(key): "
-                   "task data that is a list, string or number raises AttributeError (500) instead of a 400")
 @pytest.mark.parametrize("data", [["x"], "image.png", 7])
 def test_sam_task_data_that_is_not_an_object_is_a_400(world, data):
     body = payloads.predict_body([{"id": 1, "data": data}], {"result": [payloads.rectangle(10, 10, 20, 20)]})
     response = world.clients["sam"].post("/predict", json=body)
     check_answer(response)
+    assert response.status_code == 400 and "data" in response.json()["error"], describe(response)
 
 
-@pytest.mark.xfail(strict=True, reason="segmentation/model.py project_dir uses the raw project id in a path; "
-                   "segmentation/versions.py current_version() catches only OSError, so a project id with a NUL "
-                   "byte raises ValueError: embedded null byte (500) at /setup and /predict")
 @pytest.mark.parametrize("endpoint", ["/setup", "/predict"])
 def test_segmentation_project_id_with_a_nul_byte_is_a_400(world, endpoint):
     body = (payloads.setup_body() if endpoint == "/setup" else payloads.predict_body([])) | {"project": "1\x00"}
-    check_answer(world.clients["segmentation"].post(endpoint, json=body))
+    response = world.clients["segmentation"].post(endpoint, json=body)
+    check_answer(response)
+    assert response.status_code == 400 and "project must be" in response.json()["error"], describe(response)

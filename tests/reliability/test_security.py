@@ -267,9 +267,6 @@ def test_label_studio_token_goes_to_label_studio_only(guarded):
     assert all("Authorization" not in request.headers for request in images.server.requests)
 
 
-@pytest.mark.xfail(strict=True, reason="backends/images.py _read_gcs(): get_blob()/download_as_bytes() get a timeout "
-                   "but google-cloud-storage's default retry (120 s deadline), so with GCS_DIRECT_READ and Google "
-                   "unreachable a fetch takes ~90-100 s instead of failing within IMAGE_FETCH_TIMEOUT")
 def test_direct_gcs_read_fails_within_the_fetch_timeout(monkeypatch, tmp_path):
     import threading
 
@@ -410,9 +407,6 @@ def test_segmentation_version_loader_refuses_a_malicious_checkpoint(malicious, t
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="segmentation/model.py _load_fallback() catches OSError/ValueError/KeyError/"
-                   "RuntimeError but not pickle.UnpicklingError: a refused (malicious) SEG_CHECKPOINT crashes "
-                   "startup instead of being logged and skipped like any other unloadable model")
 def test_segmentation_backend_starts_without_a_refused_checkpoint(malicious, tmp_path):
     checkpoint, marker = malicious
     version = save_constant_segmentation_model(tmp_path / "models")
@@ -421,6 +415,7 @@ def test_segmentation_backend_starts_without_a_refused_checkpoint(malicious, tmp
         with segmentation_client(base_settings(tmp_path / "serve", seg_checkpoint=str(version))) as client:
             report = check_healthy(client.get)
             assert report["model_state"] == "no model"
+            assert "UnpicklingError" in report["fallback_model_error"]  # /health says why
     finally:
         assert not marker.exists()
 

@@ -118,8 +118,9 @@ def test_brushlabels_preferred_over_brush_and_tag_case_ignored():
 @pytest.mark.parametrize(
     "xml",
     ["", "   ", "<View>", "<View><Image name='i' value='$i'></View>", "not xml at all",
-     '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]><View>&lol;</View>'],
-    ids=["empty", "blank", "unclosed", "mismatched", "text", "entity"],
+     '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]><View>&lol;</View>',
+     "<View>\ud800</View>"],
+    ids=["empty", "blank", "unclosed", "mismatched", "text", "entity", "lone-surrogate"],
 )
 def test_malformed_configs_raise_label_config_error(xml):
     with pytest.raises(LabelConfigError):

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from backends.errors import BadRequest
-from sam.prompts import Prompt, prompts_from_context
+from sam.prompts import Prompt, context_regions, prompts_from_context
 
 W, H = 200, 100
 
@@ -107,3 +107,20 @@ def test_context_without_result_list_is_refused():
         prompts_from_context({"foo": 1}, W, H)
     with pytest.raises(BadRequest):
         prompts_from_context([], W, H)
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        ({"result": True}, "'result' list"),
+        ({"result": 5}, "'result' list"),
+        ({"result": [{**rectangle(10, 10, 10, 10), "to_name": ["image"]}]}, "to_name must be a tag name"),
+        ({"result": [{**rectangle(10, 10, 10, 10), "from_name": {"a": 1}}]}, "from_name must be a tag name"),
+        ({"result": ["box"]}, "'value' object"),
+    ],
+)
+def test_context_of_the_wrong_shape_is_refused_before_anything_reads_it(context, message):
+    with pytest.raises(BadRequest, match=message):
+        context_regions(context)
+    with pytest.raises(BadRequest, match=message):
+        prompts_from_context(context, W, H)
