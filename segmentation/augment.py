@@ -11,10 +11,12 @@ import albumentations as A
 import numpy as np
 
 
-def build_augmentation() -> A.Compose:
+def build_augmentation(seed: int | None = None) -> A.Compose:
     """Flips, 90-degree rotations, affine scale/rotation, brightness/contrast, elastic warp.
 
     Call as `augment(image=HxWx3 uint8, mask=HxW uint8)`; returns the same shapes and dtypes.
+    `seed` makes the sequence of transforms reproducible (albumentations keeps its own random
+    state, untouched by torch / numpy / random seeds); None draws a fresh one.
     """
     reflect = cv2.BORDER_REFLECT_101
     return A.Compose(
@@ -25,7 +27,8 @@ def build_augmentation() -> A.Compose:
             A.Affine(scale=(0.8, 1.25), rotate=(-30, 30), border_mode=reflect, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.ElasticTransform(alpha=30, sigma=6, border_mode=reflect, p=0.2),
-        ]
+        ],
+        seed=seed,
     )
 
 

@@ -57,11 +57,16 @@ def build_network(config: NetworkConfig) -> torch.nn.Module:
 def build_loss(kind: str = "dice_ce") -> torch.nn.Module:
     """Loss on (BxCxHxW logits, Bx1xHxW int64 class indices).
 
-    "dice_ce": monai DiceCELoss (softmax, one-hot target), the training default.
+    "dice_ce": monai DiceCELoss (softmax, one-hot target), the training default. Dice is pooled
+        over the whole batch (batch=True), not taken per crop: a crop without any pixel of a rare
+        class would otherwise score Dice ~0 for the slightest false positive, which teaches the
+        network to avoid that class (on a tuning split of the training images, 160 steps: pooled
+        Dice was ahead in 3 of 4 paired runs, by +0.13 DSB2018 and +0.10 / +0.03 yeast mean Dice,
+        level in the fourth).
     "ce": plain cross-entropy (the benchmark's baseline).
     """
     if kind == "dice_ce":
-        return DiceCELoss(softmax=True, to_onehot_y=True, include_background=True)
+        return DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, batch=True)
     if kind == "ce":
         cross_entropy = torch.nn.CrossEntropyLoss()
         return _SqueezeTarget(cross_entropy)

@@ -148,7 +148,7 @@ def fit(
         train_samples,
         crop_size=crop_size,
         length=config.steps_per_epoch * config.batch_size,
-        augment=build_augmentation() if config.augment else None,
+        augment=build_augmentation(seed=config.seed) if config.augment else None,
         seed=config.seed,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0)
