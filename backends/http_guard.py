@@ -11,12 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 import time
 from typing import Any, Callable
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -49,9 +49,11 @@ class JSONAnswer(JSONResponse):
     """JSON that also accepts NumPy values (models return RLE counts and scores as NumPy)."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(
-            content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
-        ).encode("utf-8")
+        # orjson: a detailed mask's RLE holds 10^5-10^6 integers, which the json module takes
+        # ~16 ms to write for a 1024x768 image (orjson ~1 ms). NaN and infinity become null.
+        return orjson.dumps(
+            content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+        )
 
 
 def error_response(
