@@ -34,11 +34,13 @@ def is_signature_param(name: str) -> bool:
 
 
 def display_uri(uri: str) -> str:
-    """A URI safe for messages and logs: no query string, no credentials, at most 200 characters."""
-    parts = urlsplit(uri)
-    netloc = parts.hostname or ""
-    if netloc and parts.port:
-        netloc = f"{netloc}:{parts.port}"
+    """A URI safe for messages and logs: no query string, no credentials, at most 200 characters.
+    Never raises: it describes malformed URIs too (a port that is not a number, a broken IPv6 host)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "(an unparseable URI)"
+    netloc = parts.netloc.rpartition("@")[2]  # user:password@ dropped
     shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     if parts.query and not parts.scheme:  # Label Studio local files: ?d=<path> is the image's name
         shown += "?" + "&".join(p for p in parts.query.split("&") if not is_signature_param(p.split("=", 1)[0]))
@@ -116,7 +118,10 @@ def stable_uri(uri: str) -> str:
     """`uri` without signature query parameters (X-Goog-*, X-Amz-*, Signature, Expires, sig, se, sp,
     sv, token, ...); other parameters keep their order."""
     uri = uri.strip()
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # malformed: the fetch refuses it; as a key it is just a string
+        return uri
     if not parts.query:
         return uri
     kept = [

@@ -199,7 +199,11 @@ class ImageFetcher:
         return data
 
     def _fetch_uncached(self, uri: str, task_id: int | None) -> bytes:
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+        except ValueError as error:
+            raise BadRequest(f"image URI {display_uri(uri)} is not a valid URL: {error}") from None
         scheme = parts.scheme.lower()
         if scheme in STORAGE_SCHEMES:
             if scheme in ("gs", "gcs") and self.settings.gcs_direct_read:

@@ -458,3 +458,13 @@ def test_gcs_direct_read_against_the_emulator(tmp_path, monkeypatch):
 def test_malformed_arguments_are_bad_requests(uri, task_id, tmp_path):
     with pytest.raises(BadRequest):
         make_fetcher(tmp_path, label_studio_url="http://127.0.0.1:1").fetch_bytes(uri, task_id)
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:notaport/a.png", "http://[::1/a.png", "https://user:pw@host:99999/a.png"])
+def test_malformed_urls_are_bad_requests_not_crashes(tmp_path, uri):
+    from backends.image_sources import display_uri
+
+    assert "pw" not in display_uri(uri)
+    fetcher = make_fetcher(tmp_path, image_allowed_hosts=("127.0.0.1",))
+    with pytest.raises(BadRequest, match="not a valid URL"):
+        fetcher.load(uri, 1)
