@@ -43,6 +43,7 @@ bench: install
 	$(VENV)/bin/python -m bench.sam_latency
 	$(VENV)/bin/python -m bench.seg_quality
 	$(VENV)/bin/python -m bench.seg_throughput
+	$(VENV)/bin/python -m bench.load
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) run
