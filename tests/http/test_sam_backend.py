@@ -20,6 +20,8 @@ from backends.rle import decode_rle
 from backends.server import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
+from tests import ls_payloads as payloads
+from tests.ls_payloads import task
 
 WIDTH, HEIGHT = 160, 120
 DISK_CENTRE, DISK_RADIUS = (70, 60), 25  # XY pixels
@@ -127,49 +129,12 @@ def backend(request, image_server, tiny_checkpoint, tmp_path):
         yield client
 
 
-def task(task_id: int, url: str) -> dict:
-    return {
-        "id": task_id,
-        "data": {"image": url},
-        "meta": {},
-        "annotations": [],
-        "predictions": [],
-        "drafts": [],
-        "project": 1,
-        "inner_id": task_id,
-        "is_labeled": False,
-        "total_annotations": 0,
-        "total_predictions": 0,
-    }
-
-
 def rectangle(x, y, width, height, label="Nucleus"):
-    return {
-        "original_width": WIDTH,
-        "original_height": HEIGHT,
-        "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0, "rectanglelabels": [label]},
-        "id": "rect1",
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "origin": "manual",
-    }
+    return payloads.rectangle(x, y, width, height, label, original=(WIDTH, HEIGHT))
 
 
 def keypoint(x, y, positive=True, label="Nucleus"):
-    return {
-        "original_width": WIDTH,
-        "original_height": HEIGHT,
-        "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label]},
-        "is_positive": positive,
-        "id": "kp1",
-        "from_name": "point",
-        "to_name": "image",
-        "type": "keypointlabels",
-        "origin": "manual",
-    }
+    return payloads.keypoint(x, y, positive, label, original=(WIDTH, HEIGHT))
 
 
 def predict(client, tasks, context=None, config=LABEL_CONFIG):

@@ -23,7 +23,8 @@ import schemathesis
 from hypothesis import given
 
 from backends.rle import decode_rle
-from tests.reliability import payloads, strategies
+from tests import ls_payloads as payloads
+from tests.reliability import strategies
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings
 from tests.reliability.conftest import BOX_ENGINE, base_settings, sam_client, segmentation_client
 from tests.reliability.servers import BackendProcess, ImageHost, fuzz_label_studio

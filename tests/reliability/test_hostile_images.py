@@ -26,7 +26,7 @@ from PIL import Image
 from backends.image_cache import cache_file_name
 from backends.images import ImageFetcher
 from backends.rle import decode_rle
-from tests.reliability import payloads
+from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, check_healthy, describe
 from tests.reliability.conftest import RED_ENGINE, base_settings, sam_client, segmentation_client
 from tests.reliability.servers import ImageHost

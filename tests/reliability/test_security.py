@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from backends.logs import RedactingFilter
 from backends.rle import encode_rle
-from tests.reliability import payloads
+from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings
 from tests.reliability.conftest import BOX_ENGINE, base_settings, sam_client, segmentation_client
 from tests.reliability.models import save_constant_segmentation_model, save_malicious_checkpoint

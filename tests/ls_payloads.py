@@ -1,4 +1,5 @@
-"""Label Studio 1.23-shaped request bodies (see ../shared/notes/label-studio-facts.md).
+"""Label Studio 1.23-shaped request bodies, shared by the HTTP and reliability tests
+(see ../shared/notes/label-studio-facts.md).
 
 Region coordinates are PERCENT of original_width / original_height (x right, y down).
 `encode` writes JSON the way a careless client could (NaN and Infinity allowed), so the servers'
