@@ -3,7 +3,9 @@
 `RequestGuard` is a pure ASGI middleware, outermost, so it also sees what never reaches a route
 (401, 413, and unexpected exceptions, which it answers with a 500 while the server keeps serving).
 `install_error_handlers` turns the routes' exceptions into `{"error": "<what was wrong>"}` answers.
-Nothing here logs a request body: bodies hold tokens and masks.
+Nothing here logs a request body: bodies hold tokens and masks. Every error answer is redacted like
+a log line (`error_response` -> backends.logs.redact): a message that names a URL with user:password
+or quotes a token never reaches the client.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.errors import BackendError, BadRequest, PayloadTooLarge
+from backends.logs import redact
 from backends.metrics import Metrics
 from backends.settings import Settings
 
@@ -56,10 +59,23 @@ class JSONAnswer(JSONResponse):
         )
 
 
+def redact_answer(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings) with every string redacted as log lines are
+    (backends.logs.redact): an answer must not carry a token or a password either."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_answer(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_answer(item) for item in value]
+    return value
+
+
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    return JSONAnswer({"error": message, **extra}, status_code=status, headers=headers)
+    """Every error answer goes through here: `{"error": message, **extra}`, secrets redacted."""
+    return JSONAnswer(redact_answer({"error": message, **extra}), status_code=status, headers=headers)
 
 
 def endpoint_label(path: str) -> str:
@@ -101,6 +117,7 @@ class RequestGuard:
         self.telemetry = telemetry
         self.max_body_bytes = int(settings.max_request_mb * 1024 * 1024)
         self.credentials: tuple[bytes, bytes] | None = None
+        settings.validate()  # half-configured basic auth (user or password alone) must not serve
         if settings.basic_auth_user:
             self.credentials = (settings.basic_auth_user.encode(), settings.basic_auth_pass.encode())
 

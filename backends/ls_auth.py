@@ -6,6 +6,10 @@ Label Studio 1.23 accepts two kinds of API key:
   ``POST {url}/api/token/refresh/ {"refresh": PAT}`` for a short-lived access token (~5 min), sent as
   ``Authorization: Bearer <access>``. The access token is refreshed shortly before its ``exp`` and once
   more when Label Studio answers 401 (clock skew, server restart, revoked session).
+
+The refresh request goes to exactly the Label Studio URL's origin: the endpoint is parsed like every
+fetched URL (`image_sources.parse_fetch_url`: no backslash or other parser tricks) and redirects
+are not followed (a 307 would re-post the personal access token to wherever it points).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from typing import Callable
 
 import requests
 
-from backends.errors import ImageUnavailable, LabelStudioUnavailable
+from backends.errors import ForbiddenImageSource, ImageUnavailable, LabelStudioUnavailable
+from backends.image_sources import display_origin, parse_fetch_url, userinfo_of
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +79,14 @@ class LabelStudioAuth:
         session: requests.Session | None = None,
     ):
         self.url = url.rstrip("/")
+        self._shown_url = display_origin(self.url)  # for messages: never the URL's user:password
         self._api_key = _strip_scheme(api_key)
         self._timeout_s = timeout_s
         self._clock = clock
-        self._session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or .netrc credentials from the environment
+        self._session = session
         self._lock = threading.Lock()
         self._access: str | None = None
         self._refresh_at = 0.0
@@ -107,27 +116,39 @@ class LabelStudioAuth:
                 self._access = None
 
     def _refresh_locked(self) -> None:
-        endpoint = f"{self.url}/api/token/refresh/"
         try:
-            response = self._session.post(endpoint, json={"refresh": self._api_key}, timeout=self._timeout_s)
+            endpoint = parse_fetch_url(f"{self.url}/api/token/refresh/", allowed_userinfo=userinfo_of(self.url))
+        except ForbiddenImageSource as error:
+            raise LabelStudioAuthError(
+                f"the Label Studio URL is not usable for the token refresh ({error.message}): check LABEL_STUDIO_URL"
+            ) from None
+        try:
+            response = self._session.post(endpoint.url, json={"refresh": self._api_key}, timeout=self._timeout_s,
+                                          allow_redirects=False)
         except requests.RequestException as exc:
             raise LabelStudioUnavailable(
-                f"Label Studio at {self.url} did not answer the token refresh: {type(exc).__name__}"
+                f"Label Studio at {self._shown_url} did not answer the token refresh: {type(exc).__name__}"
             ) from None
+        if 300 <= response.status_code < 400:
+            raise LabelStudioAuthError(
+                f"Label Studio at {self._shown_url} answered the token refresh with a redirect "
+                f"(HTTP {response.status_code}), which is not followed: set LABEL_STUDIO_URL to the address "
+                "Label Studio answers on (http or https, host and port)"
+            )
         if response.status_code in (400, 401, 403):
             raise LabelStudioAuthError(
-                f"Label Studio at {self.url} rejected the personal access token (HTTP {response.status_code}): "
+                f"Label Studio at {self._shown_url} rejected the personal access token (HTTP {response.status_code}): "
                 "it is wrong, expired or revoked; create a new one in Account & Settings and set LABEL_STUDIO_API_KEY"
             )
         if response.status_code >= 500:
             raise LabelStudioUnavailable(
-                f"Label Studio at {self.url} failed the token refresh (HTTP {response.status_code})"
+                f"Label Studio at {self._shown_url} failed the token refresh (HTTP {response.status_code})"
             )
         try:
             access = response.json()["access"]
         except (ValueError, KeyError, TypeError):
             raise LabelStudioAuthError(
-                f"Label Studio at {self.url} answered the token refresh (HTTP {response.status_code}) "
+                f"Label Studio at {self._shown_url} answered the token refresh (HTTP {response.status_code}) "
                 "without an access token: is this URL a Label Studio server?"
             ) from None
         now = self._clock()
@@ -144,6 +165,6 @@ class LabelStudioAuth:
 
     def __repr__(self) -> str:
         kind = "personal access token" if self.is_pat else "legacy token"
-        return f"LabelStudioAuth(url={self.url!r}, kind={kind!r})"
+        return f"LabelStudioAuth(url={self._shown_url!r}, kind={kind!r})"
 
     __str__ = __repr__
