@@ -2,13 +2,19 @@
 
 Conventions: images are HxWx3 uint8 RGB; masks are HxW uint8 class indices with
 0 = background and k = the k-th label (1-based) of the label map.
+
+A sample is held in memory (`Sample`) or on disk (`StoredSample`, written by a `SampleStore`):
+the backend's training runs store every task's decoded image and mask as .npy files and read
+only the crop it needs (memory-mapped), so memory does not grow with the number of tasks.
+Both kinds give the same crops for the same random numbers.
 """
 from __future__ import annotations
 
+import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,6 +38,100 @@ class Sample:
             raise ValueError(f"{self.name}: image must be HxWx3 uint8, got {self.image.shape} {self.image.dtype}")
         if self.mask.shape != self.image.shape[:2]:
             raise ValueError(f"{self.name}: mask {self.mask.shape} does not match image {self.image.shape[:2]}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.mask.shape
+
+    @functools.cached_property
+    def foreground(self) -> "ForegroundIndex":
+        return ForegroundIndex.of(self.mask)
+
+
+@dataclass(frozen=True)
+class ForegroundIndex:
+    """Where a mask's foreground classes are, in O(height) memory per class.
+
+    classes: the foreground class indices present, ascending.
+    row_ends: class -> (H,) int64, the number of that class's pixels in rows 0..r (inclusive).
+    """
+
+    classes: tuple[int, ...]
+    row_ends: dict[int, np.ndarray] = field(repr=False)
+
+    @classmethod
+    def of(cls, mask: np.ndarray, block_rows: int = 256) -> "ForegroundIndex":
+        """Index an HxW uint8 mask, a block of rows at a time (no full-size temporaries)."""
+        height = mask.shape[0]
+        present = np.zeros(256, np.int64)
+        for top in range(0, height, block_rows):
+            present += np.bincount(np.asarray(mask[top : top + block_rows]).ravel(), minlength=256)
+        classes = tuple(int(c) for c in np.flatnonzero(present) if c != 0)
+        per_row = {c: np.zeros(height, np.int64) for c in classes}
+        for top in range(0, height, block_rows):
+            block = np.asarray(mask[top : top + block_rows])
+            for c in classes:
+                per_row[c][top : top + block.shape[0]] = np.count_nonzero(block == c, axis=1)
+        return cls(classes, {c: np.cumsum(counts) for c, counts in per_row.items()})
+
+    def pixel(self, mask: np.ndarray, class_index: int, pick: int) -> tuple[int, int]:
+        """(row, column) of the pick-th pixel (row-major, from 0) of `class_index` in `mask`:
+        the same pixel as `np.nonzero(mask == class_index)[.][pick]`, reading one row."""
+        ends = self.row_ends[class_index]
+        row = int(np.searchsorted(ends, pick, side="right"))
+        before = int(ends[row - 1]) if row else 0
+        column = int(np.flatnonzero(np.asarray(mask[row]) == class_index)[pick - before])
+        return row, column
+
+    def count(self, class_index: int) -> int:
+        return int(self.row_ends[class_index][-1])
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """A labelled image kept on disk as two .npy files (see SampleStore); `image` and `mask`
+    memory-map them on each access, so only the parts read come into memory."""
+
+    name: str
+    image_path: Path
+    mask_path: Path
+    shape: tuple[int, int]
+    foreground: ForegroundIndex = field(repr=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """HxWx3 uint8 (read-only, memory-mapped)."""
+        return np.load(self.image_path, mmap_mode="r")
+
+    @property
+    def mask(self) -> np.ndarray:
+        """HxW uint8 (read-only, memory-mapped)."""
+        return np.load(self.mask_path, mmap_mode="r")
+
+
+AnySample = Union[Sample, StoredSample]
+
+
+class SampleStore:
+    """Writes samples as .npy files under `directory` (created; the caller removes it): about
+    4 bytes of disk per pixel, and none of memory once written."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._written = 0
+
+    def add(self, name: str, image: np.ndarray, mask: np.ndarray) -> StoredSample:
+        """Check (as Sample does) and store one pair; the arrays may be dropped afterwards."""
+        Sample(name, image, mask)  # the same checks
+        index = self._written
+        self._written += 1
+        # File names are counters: task data never becomes a path.
+        image_path, mask_path = self.directory / f"{index}-image.npy", self.directory / f"{index}-mask.npy"
+        np.save(image_path, np.ascontiguousarray(image))
+        np.save(mask_path, np.ascontiguousarray(mask))
+        return StoredSample(name, image_path, mask_path, tuple(mask.shape), ForegroundIndex.of(mask))
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -78,18 +178,38 @@ def random_crop(
     random present class, so rare classes are seen often even in few, large images.
     """
     image, mask = pad_to_at_least(image, mask, size)
+    top, left = _crop_origin(mask, ForegroundIndex.of(mask), size, rng, foreground_bias)
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def crop_sample(
+    sample: AnySample, size: int, rng: random.Random, foreground_bias: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """`random_crop` of a Sample or StoredSample (same crop for the same `rng` state), reading
+    only the crop (and one mask row) when the sample is at least `size` on both sides."""
+    height, width = sample.shape
+    if height < size or width < size:  # padded first: a small image, read whole
+        return random_crop(np.asarray(sample.image), np.asarray(sample.mask), size, rng, foreground_bias)
+    mask = sample.mask
+    top, left = _crop_origin(mask, sample.foreground, size, rng, foreground_bias)
+    rows, cols = slice(top, top + size), slice(left, left + size)
+    return np.array(sample.image[rows, cols]), np.array(mask[rows, cols])
+
+
+def _crop_origin(
+    mask: np.ndarray, foreground: ForegroundIndex, size: int, rng: random.Random, foreground_bias: float
+) -> tuple[int, int]:
+    """Top-left corner of a size x size crop of an HxW mask (H, W >= size); see `random_crop`."""
     height, width = mask.shape
-    classes = [int(c) for c in np.unique(mask) if c != 0]
+    classes = list(foreground.classes)
     if classes and rng.random() < foreground_bias:
-        rows, cols = np.nonzero(mask == rng.choice(classes))
-        pick = rng.randrange(len(rows))
-        top = int(rows[pick]) - size // 2 + rng.randint(-size // 4, size // 4)
-        left = int(cols[pick]) - size // 2 + rng.randint(-size // 4, size // 4)
+        class_index = rng.choice(classes)
+        row, column = foreground.pixel(mask, class_index, rng.randrange(foreground.count(class_index)))
+        top = row - size // 2 + rng.randint(-size // 4, size // 4)
+        left = column - size // 2 + rng.randint(-size // 4, size // 4)
     else:
         top, left = rng.randint(0, height - size), rng.randint(0, width - size)
-    top = min(max(top, 0), height - size)
-    left = min(max(left, 0), width - size)
-    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+    return min(max(top, 0), height - size), min(max(left, 0), width - size)
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -100,7 +220,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        samples: Sequence[Sample],
+        samples: Sequence[AnySample],
         crop_size: int,
         length: int,
         augment: Callable | None = None,
@@ -119,14 +239,14 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[self.rng.randrange(len(self.samples))]
-        image, mask = random_crop(sample.image, sample.mask, self.crop_size, self.rng)
+        image, mask = crop_sample(sample, self.crop_size, self.rng)
         image, mask = apply(self.augment, np.ascontiguousarray(image), np.ascontiguousarray(mask))
         return torch.from_numpy(normalize(image)), torch.from_numpy(mask[None].astype(np.int64))
 
 
 def split_samples(
-    samples: Sequence[Sample], val_fraction: float, seed: int = 0
-) -> tuple[list[Sample], list[Sample]]:
+    samples: Sequence[AnySample], val_fraction: float, seed: int = 0
+) -> tuple[list[AnySample], list[AnySample]]:
     """Held-out split: (train, validation). At least one sample is always kept for training;
     validation is empty when there are fewer than 2 samples or val_fraction <= 0."""
     order = list(samples)
@@ -213,7 +333,9 @@ def samples_from_tasks(
     output_names: Sequence[str],
     label_map: dict[str, int],
     load_pixels: Callable[[str, int | None], np.ndarray],
-) -> tuple[list[Sample], list[str]]:
+    store: SampleStore | None = None,
+    max_polygon_vertices: int = 10_000,
+) -> tuple[list[AnySample], list[str]]:
     """Turn Label Studio tasks (export JSON: data + annotations) into training samples.
 
     image_key: the task data key of the Image tag; output_names: the `from_name`s of its brush /
@@ -221,12 +343,13 @@ def samples_from_tasks(
     HxWx3 uint8. Uses the newest non-cancelled annotation per task; brush RLE is decoded and
     polygons rasterised by backends.regions (overlaps: the later region wins). Tasks that cannot
     be used (no annotation, unfetchable image, no usable region) are skipped: returns
-    (samples, problems), one readable line per skipped task or region.
+    (samples, problems), one readable line per skipped task or region. With a `store`, each
+    sample is written to disk as soon as it is made (StoredSample): one image in memory at a time.
     """
     from backends.errors import BackendError
     from backends.regions import results_to_class_mask
 
-    samples: list[Sample] = []
+    samples: list[AnySample] = []
     problems: list[str] = []
     for task in tasks:
         task_id = task.get("id")
@@ -244,12 +367,16 @@ def samples_from_tasks(
             problems.append(f"task {task_id}: {error.message}, skipped")
             continue
         height, width = pixels.shape[:2]
-        mask, warnings = results_to_class_mask(results, label_map, height, width, overlap="later")
+        mask, warnings = results_to_class_mask(
+            results, label_map, height, width, overlap="later", max_polygon_vertices=max_polygon_vertices
+        )
         problems.extend(f"task {task_id}: {warning}" for warning in warnings)
         # A submitted annotation with no regions says "all background", a valid lesson; regions
         # that all turned out unusable (unknown labels, corrupt masks) say nothing.
         if annotation.get("result") and not mask.any():
             problems.append(f"task {task_id}: annotation {annotation.get('id')} has no usable region, skipped")
             continue
-        samples.append(Sample(name=f"task-{task_id}", image=pixels, mask=mask))
+        name = f"task-{task_id}"
+        samples.append(store.add(name, pixels, mask) if store is not None else Sample(name=name, image=pixels, mask=mask))
+        del pixels, mask
     return samples, problems

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from segmentation.augment import build_augmentation
-from segmentation.data import CropDataset, Sample, split_samples
-from segmentation.inference import segment_images
+from segmentation.data import AnySample, CropDataset, split_samples
+from segmentation.inference import iter_segmentations
 from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network, resolve_device
 from segmentation.versions import VersionInfo, save_version
 
@@ -77,24 +77,42 @@ def class_scores(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray]
     Returns {"dice": [d_1..d_K], "iou": [i_1..i_K]}; a class absent from both truth and
     prediction everywhere gets None (nothing to score).
     """
-    intersection = np.zeros(n_classes, dtype=np.int64)
-    truth_area = np.zeros(n_classes, dtype=np.int64)
-    predicted_area = np.zeros(n_classes, dtype=np.int64)
+    tally = ClassTally(n_classes)
     for truth, predicted in zip(truths, predictions):
-        truth_area += np.bincount(truth.ravel(), minlength=n_classes)[:n_classes]
-        predicted_area += np.bincount(predicted.ravel(), minlength=n_classes)[:n_classes]
+        tally.add(truth, predicted)
+    return tally.scores()
+
+
+class ClassTally:
+    """Pixel counts per class (truth, predicted, both), added one image at a time."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+        self.intersection = np.zeros(n_classes, dtype=np.int64)
+        self.truth_area = np.zeros(n_classes, dtype=np.int64)
+        self.predicted_area = np.zeros(n_classes, dtype=np.int64)
+
+    def add(self, truth: np.ndarray, predicted: np.ndarray) -> None:
+        """truth, predicted: HxW uint8 class-index masks of one image."""
+        n = self.n_classes
+        truth = np.asarray(truth)
+        self.truth_area += np.bincount(truth.ravel(), minlength=n)[:n]
+        self.predicted_area += np.bincount(predicted.ravel(), minlength=n)[:n]
         agree = truth[truth == predicted]
-        intersection += np.bincount(agree.ravel(), minlength=n_classes)[:n_classes]
-    dice, iou = [], []
-    for k in range(1, n_classes):
-        union = truth_area[k] + predicted_area[k] - intersection[k]
-        if union == 0:
-            dice.append(None)
-            iou.append(None)
-        else:
-            dice.append(float(2 * intersection[k] / (truth_area[k] + predicted_area[k])))
-            iou.append(float(intersection[k] / union))
-    return {"dice": dice, "iou": iou}
+        self.intersection += np.bincount(agree.ravel(), minlength=n)[:n]
+
+    def scores(self) -> dict:
+        """{"dice": [d_1..d_K], "iou": [i_1..i_K]}, None for a class absent everywhere."""
+        dice, iou = [], []
+        for k in range(1, self.n_classes):
+            union = self.truth_area[k] + self.predicted_area[k] - self.intersection[k]
+            if union == 0:
+                dice.append(None)
+                iou.append(None)
+            else:
+                dice.append(float(2 * self.intersection[k] / (self.truth_area[k] + self.predicted_area[k])))
+                iou.append(float(self.intersection[k] / union))
+        return {"dice": dice, "iou": iou}
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -103,12 +121,16 @@ def _mean(values: Sequence[float | None]) -> float:
 
 
 def evaluate(
-    network: torch.nn.Module, samples: Sequence[Sample], n_classes: int, device: torch.device, size_multiple: int = 16
+    network: torch.nn.Module, samples: Sequence[AnySample], n_classes: int, device: torch.device,
+    size_multiple: int = 16,
 ) -> dict:
-    """Whole-image validation: {"dice": [...], "iou": [...], "mean_dice": x, "mean_iou": y}."""
-    images = [s.image for s in samples]
-    predictions = [s.mask for s in segment_images(network, images, device, size_multiple=size_multiple)]
-    scores = class_scores([s.mask for s in samples], predictions, n_classes)
+    """Whole-image validation: {"dice": [...], "iou": [...], "mean_dice": x, "mean_iou": y}.
+    Images are read and segmented one after the other (stored samples: from disk)."""
+    tally = ClassTally(n_classes)
+    images = (sample.image for sample in samples)
+    for sample, segmentation in zip(samples, iter_segmentations(network, images, device, size_multiple=size_multiple)):
+        tally.add(sample.mask, segmentation.mask)
+    scores = tally.scores()
     return scores | {"mean_dice": _mean(scores["dice"]), "mean_iou": _mean(scores["iou"])}
 
 
@@ -118,7 +140,7 @@ def _learning_rate(base: float, fraction_done: float) -> float:
 
 
 def fit(
-    samples: Sequence[Sample],
+    samples: Sequence[AnySample],
     labels: Sequence[str],
     config: TrainConfig = TrainConfig(),
     progress: Callable[[Progress], None] | None = None,
@@ -141,7 +163,7 @@ def fit(
         val_samples = train_samples
     # Crops never larger than the largest image (rounded up to the network's multiple): small
     # images would otherwise be padded into mostly repeated pixels, at 16x the cost.
-    largest = max(max(s.mask.shape) for s in train_samples)
+    largest = max(max(s.shape) for s in train_samples)
     multiple = network_config.size_multiple
     crop_size = min(config.crop_size, -(-largest // multiple) * multiple)
     dataset = CropDataset(
@@ -212,7 +234,7 @@ def fit(
 
 
 def train(
-    samples: Sequence[Sample],
+    samples: Sequence[AnySample],
     labels: Sequence[str],
     out_dir: Path,
     config: TrainConfig | None = None,
