@@ -15,7 +15,7 @@ import numpy as np
 from backends.coords import check_image_size, percent_to_pixels, pixels_to_percent
 from backends.errors import BackendError, BadRequest
 from backends.label_config import ControlTag
-from backends.polygons import mask_to_polygons, polygons_to_mask
+from backends.polygons import DEFAULT_MAX_VERTICES, check_vertex_count, mask_to_polygons, polygon_to_crop
 from backends.rle import decode_rle, encode_rle
 
 OVERLAP_RULES = ("later", "earlier", "smaller")
@@ -86,6 +86,7 @@ def results_to_class_mask(
     height: int,
     width: int,
     overlap: str = "later",
+    max_polygon_vertices: int = DEFAULT_MAX_VERTICES,
 ) -> tuple[np.ndarray, list[str]]:
     """Rasterise brushlabels and polygonlabels regions into an HxW uint8 class-index mask.
 
@@ -96,7 +97,8 @@ def results_to_class_mask(
       "smaller" the smaller region (fewer pixels) wins, so small objects drawn over large ones
                 survive; equal sizes fall back to "later".
     A bad region is skipped, never raised: returns (mask, warnings), one human-readable warning
-    per skipped region (unknown label, corrupt RLE, size mismatch, empty region, ...).
+    per skipped region (unknown label, corrupt RLE, size mismatch, empty region, a polygon over
+    max_polygon_vertices vertices, ...). Memory: the class mask plus one region's mask at a time.
     """
     if overlap not in OVERLAP_RULES:
         raise BadRequest(f"overlap must be one of {', '.join(OVERLAP_RULES)}, got {overlap!r}")
@@ -106,7 +108,28 @@ def results_to_class_mask(
         if not is_int or not 1 <= index <= 255:
             raise BadRequest(f"label_map['{label}'] must be a class index 1..255, got {index!r}")
     warnings: list[str] = []
-    painted: list[tuple[int, int, int, np.ndarray, tuple[int, int]]] = []  # area, order, class, crop, (r0, c0)
+    class_mask = np.zeros((height, width), dtype=np.uint8)
+    sized: list[tuple[int, int, int, Mapping]] = []  # "smaller": area, order, class, region
+    for order, index, region, crop, origin in _usable_regions(
+        results, label_map, height, width, max_polygon_vertices, warnings
+    ):
+        if overlap == "smaller":
+            sized.append((int(crop.sum()), order, index, region))  # painted below, largest first
+        else:
+            _paint(class_mask, crop, origin, index, over=overlap == "later")
+    # Rasterise again rather than hold every region's mask: memory stays one region's worth.
+    for _, _, index, region in sorted(sized, key=lambda item: (-item[0], item[1])):
+        crop, origin = _region_crop(region, region["value"], str(region["type"]).lower(), height, width,
+                                    max_polygon_vertices)
+        _paint(class_mask, crop, origin, index, over=True)
+    return class_mask, warnings
+
+
+def _usable_regions(results, label_map, height, width, max_polygon_vertices, warnings):
+    """Yield (order, class index, region, crop, origin) per usable segmentation region.
+
+    Appends one warning per skipped region to `warnings`.
+    """
     for order, region in enumerate(results):
         if not isinstance(region, Mapping):
             warnings.append(f"region {order}: not an object, skipped")
@@ -125,43 +148,40 @@ def results_to_class_mask(
             warnings.append(f"{name}: label {labels!r} is not in the label map, skipped")
             continue
         try:
-            mask = _region_mask(region, value, kind, height, width)
+            crop, origin = _region_crop(region, value, kind, height, width, max_polygon_vertices)
         except BackendError as exc:
             warnings.append(f"{name}: {exc.message}, skipped")
             continue
-        rows = np.flatnonzero(mask.any(axis=1))
-        if rows.size == 0:
+        if not crop.any():
             warnings.append(f"{name}: empty region, skipped")
             continue
-        cols = np.flatnonzero(mask.any(axis=0))
-        crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        painted.append((int(crop.sum()), order, int(label_map[known[0]]), crop, (rows[0], cols[0])))
-
-    if overlap == "earlier":
-        painted.sort(key=lambda item: -item[1])
-    elif overlap == "smaller":
-        painted.sort(key=lambda item: (-item[0], item[1]))
-    class_mask = np.zeros((height, width), dtype=np.uint8)
-    for _, _, index, crop, (r0, c0) in painted:
-        window = class_mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]]
-        window[crop] = index
-    return class_mask, warnings
+        yield order, int(label_map[known[0]]), region, crop, origin
 
 
-def _region_mask(region: Mapping, value: Mapping, kind: str, height: int, width: int) -> np.ndarray:
+def _paint(class_mask: np.ndarray, crop: np.ndarray, origin: tuple[int, int], index: int, over: bool) -> None:
+    """Set class_mask to index where crop is True (over: also over pixels already painted)."""
+    row, column = origin
+    window = class_mask[row : row + crop.shape[0], column : column + crop.shape[1]]
+    window[crop if over else crop & (window == 0)] = index
+
+
+def _region_crop(region: Mapping, value: Mapping, kind: str, height: int, width: int,
+                 max_polygon_vertices: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The region's bool mask over a window of the image: (crop, (row, column) of its corner)."""
     if kind == "brushlabels":
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise BadRequest("brush region has no RLE")
         size = (region.get("original_width"), region.get("original_height"))
         if size != (width, height):
             raise BadRequest(f"brush region is {size[0]}x{size[1]}, the image is {width}x{height}")
-        return decode_rle(value["rle"], height, width)
+        return decode_rle(value["rle"], height, width), (0, 0)
     points = value.get("points")
     if not isinstance(points, (list, tuple)) or len(points) < 3:
         raise BadRequest("polygon region has fewer than 3 points")
+    check_vertex_count(len(points), max_polygon_vertices)  # before converting a huge list
     # Percent coordinates do not depend on original_width/height: rasterise at the image size.
     xy = percent_to_pixels(points, width, height)
-    return polygons_to_mask([xy], height, width)
+    return polygon_to_crop(xy, height, width, max_polygon_vertices)
 
 
 def _check_mask(mask: np.ndarray, width: int, height: int) -> None:

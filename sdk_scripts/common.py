@@ -11,6 +11,8 @@ once, here, into `CliSettings`:
 - ``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``: the ML backends' basic auth, handed to Label Studio when
   setup_project connects them.
 - ``LOG_LEVEL``.
+- ``POLYGON_MAX_VERTICES``: vertices allowed per annotated polygon that export_masks rasterises
+  (default 10000, as in the backends); a polygon with more is reported and left out of its mask.
 
 User errors (bad token, missing bucket, Label Studio unreachable, bad arguments) raise `UserError`;
 `run_main` turns them into one line on stderr and exit status 2, without a traceback.
@@ -51,6 +53,7 @@ class CliSettings:
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
     log_level: str = "INFO"
+    polygon_max_vertices: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "CliSettings":
@@ -63,7 +66,18 @@ class CliSettings:
             basic_auth_user=env.get("BASIC_AUTH_USER", "").strip(),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            polygon_max_vertices=_polygon_max_vertices(env.get("POLYGON_MAX_VERTICES", "")),
         )
+
+
+def _polygon_max_vertices(raw: str) -> int:
+    try:
+        value = int(raw.strip() or "10000")
+    except ValueError:
+        raise UserError(f"POLYGON_MAX_VERTICES={raw!r} is not a whole number") from None
+    if value < 3:
+        raise UserError(f"POLYGON_MAX_VERTICES={value} must be at least 3")
+    return value
 
 
 def _strip_scheme(api_key: str) -> str:
@@ -83,6 +97,13 @@ def configure_logging(level: str) -> None:
     configure(level)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
+
+
+def configured_settings() -> CliSettings:
+    """The environment's settings, with logging set up from them (UserError for a bad value)."""
+    settings = CliSettings.from_env()
+    configure_logging(settings.log_level)
+    return settings
 
 
 def run_main(body: Callable[[], int]) -> int:

@@ -11,7 +11,13 @@ Each task is ``{"image": "gs://bucket/key", ...metadata}``. Metadata comes from
   ``gs://bucket/images/a.png`` URI. Empty CSV cells are left out;
 - per-image JSON sidecars next to the image: ``a.png.json`` or ``a.json`` (a JSON object).
 
-Where both exist, the manifest's values win. The key column and the task's image field are never
+Where both exist, the manifest's values win. Metadata must be JSON Label Studio can store: no NaN or
+Infinity, nested at most MAX_METADATA_DEPTH deep, no text value over MAX_VALUE_CHARS characters. An
+image whose manifest row or sidecar breaks a rule (or cannot be read) is held back: reported as
+failed, not imported, so that a rerun with the metadata fixed imports it with its metadata (reruns
+skip imported images, so a task created without its metadata would never get it). When the manifest
+has rows that cannot even be keyed, every image without metadata is held back the same way. The rest
+is imported; the exit status is 1 when anything was held back. The key column and the task's image field are never
 taken from metadata. Re-running imports only images not yet in the project (compared by the
 task's ``image`` value, whoever created the task, a storage sync included). Images without metadata
 and metadata without images are reported at the end (``--require-metadata`` fails before importing
@@ -23,8 +29,9 @@ import argparse
 import csv
 import io
 import json
+import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -37,7 +44,7 @@ from sdk_scripts.common import (
     add_gcs_arguments,
     add_label_studio_arguments,
     batched,
-    configure_logging,
+    configured_settings,
     connect_label_studio,
     find_project,
     gcs_client,
@@ -54,6 +61,8 @@ from sdk_scripts.common import (
 
 KEY_FIELDS = ("image", "object", "object_name", "name", "key", "path", "file", "filename", "uri")
 SHOWN = 10  # names listed per problem in the report
+MAX_VALUE_CHARS = 128 * 1024  # one metadata text value (a CSV cell); csv's own default field limit
+MAX_METADATA_DEPTH = 32  # nesting of one image's metadata (its top-level object is depth 1)
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class Manifest:
     rows: dict[str, dict]
     key_field: str
     warnings: tuple[str, ...] = ()
+    failed: dict[str, str] = field(default_factory=dict)  # key -> why its row cannot be used
+    lost: tuple[str, ...] = ()  # rows that could not be read far enough to know their key
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class ImportPlan:
     without_metadata: tuple[str, ...]
     metadata_without_image: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()  # "name: why" per image held back (not imported)
 
 
 # --------------------------------------------------------------------- manifests (pure)
@@ -94,59 +106,119 @@ def parse_manifest(text: str, fmt: str, key_field: str | None = None, name: str 
     """Rows of a CSV / JSON-lines / JSON manifest, keyed by their key field's value.
 
     A JSON file may be a list of objects (like JSON lines) or one object mapping keys to metadata.
-    Duplicate keys: the last row wins, with a warning. Raises UserError for unreadable manifests.
+    Duplicate keys: the last row wins, with a warning. A row that cannot be used (a cell over
+    MAX_VALUE_CHARS, NaN, too deep, not an object, not JSON) goes to `failed` under its key, or to
+    `lost` when its key cannot be read; the other rows are kept. Raises UserError when the
+    manifest as a whole cannot be read.
     """
     if fmt == "csv":
         records = _csv_records(text, name)
     elif fmt == "jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                records.append(_json_object(line, f"{name} line {number}"))
+        records = [(f"{name} line {number}", *_json_record(line))
+                   for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif fmt == "json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{name} is not valid JSON: {error}") from None
-        if isinstance(document, dict):
-            field_name = key_field or "image"
-            records = [{field_name: key, **_json_object(value, f"{name} entry {key!r}")}
-                       for key, value in document.items()]
-        elif isinstance(document, list):
-            records = [_json_object(item, f"{name} item {i}") for i, item in enumerate(document)]
-        else:
-            raise UserError(f"{name} must hold a JSON list of objects or an object of objects")
+        records = _json_document_records(text, name, key_field or "image")
     else:
         raise UserError(f"unknown manifest format {fmt!r}")
-    if not records:
-        return Manifest(rows={}, key_field=key_field or "")
-    chosen = key_field or _guess_key_field(records[0].keys(), name)
+    readable = [record for _, record, _ in records if record is not None]
+    if not readable:
+        return Manifest(rows={}, key_field=key_field or "",
+                        lost=tuple(f"{where}: {problem}" for where, _, problem in records))
+    chosen = key_field or _guess_key_field(readable[0].keys(), name)
     rows: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     warnings: list[str] = []
-    for number, record in enumerate(records, start=1):
-        key = record.get(chosen)
-        if key is None or str(key).strip() == "":
-            warnings.append(f"{name} row {number} has no {chosen!r}: skipped")
+    lost: list[str] = []
+    for number, (where, record, problem) in enumerate(records, start=1):
+        key = record.get(chosen) if record is not None else None
+        if problem is None:
+            problem = metadata_problem(record)
+        if key is None or not isinstance(key, (str, int)) or str(key).strip() == "":
+            if problem is None:
+                warnings.append(f"{name} row {number} has no {chosen!r}: skipped")
+            else:
+                lost.append(f"{where}: {problem}")
             continue
         key = str(key).strip()
-        if key in rows:
+        if key in rows or key in failed:
             warnings.append(f"{name} lists {key} twice: the last row wins")
-        rows[key] = {k: v for k, v in record.items() if k != chosen}
-    return Manifest(rows=rows, key_field=chosen, warnings=tuple(warnings))
+        rows.pop(key, None)
+        failed.pop(key, None)
+        if problem is None:
+            rows[key] = {k: v for k, v in record.items() if k != chosen}
+        else:
+            failed[key] = f"{where}: {problem}"
+    return Manifest(rows=rows, key_field=chosen, warnings=tuple(warnings), failed=failed, lost=tuple(lost))
 
 
-def _csv_records(text: str, name: str) -> list[dict]:
+# (where, the row as an object or None when unreadable, why it cannot be used or None)
+Record = tuple[str, "dict | None", "str | None"]
+
+
+def _csv_records(text: str, name: str) -> list[Record]:
+    """CSV rows as records; empty cells left out. A cell over MAX_VALUE_CHARS fails its row (whose
+    key is still read); a row the csv module cannot parse is kept as unreadable."""
     text = text.lstrip("\ufeff")  # spreadsheets write a byte-order mark
     dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] and "," not in text.split("\n", 1)[0] else "excel"
-    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
-    if not reader.fieldnames:
-        return []
-    records = []
-    for row in reader:
-        if None in row:
-            raise UserError(f"{name} line {reader.line_num} has more cells than the header")
-        records.append({k.strip(): v.strip() for k, v in row.items() if k and v is not None and v.strip() != ""})
-    return records
+    # csv refuses cells over its process-wide limit (128 KiB) with an exception that loses the row:
+    # read every cell, then judge sizes per row.
+    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    try:
+        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+        if not reader.fieldnames:
+            return []
+        records: list[Record] = []
+        while True:
+            line = reader.line_num
+            where = f"{name} line {line + 1}"
+            try:
+                row = next(reader)
+            except StopIteration:
+                return records
+            except csv.Error as error:
+                if reader.line_num == line:  # nothing consumed: the reader cannot move on
+                    raise UserError(f"{where} is not readable as CSV ({error})") from None
+                records.append((where, None, f"not readable as CSV ({error})"))
+                continue
+            if None in row:
+                raise UserError(f"{name} line {reader.line_num} has more cells than the header")
+            records.append((where, {k.strip(): v.strip() for k, v in row.items()
+                                    if k and v is not None and v.strip() != ""}, None))
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _json_record(text: str) -> tuple[dict | None, str | None]:
+    """One JSON line as (object, None), or (None, why it cannot be read)."""
+    try:
+        value = json.loads(text)  # NaN and Infinity parse, as floats: metadata_problem names their row
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error})"
+    except RecursionError:
+        return None, f"nested too deeply to read (at most {MAX_METADATA_DEPTH} levels)"
+    if not isinstance(value, dict):
+        return None, f"must be a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _json_document_records(text: str, name: str, key_name: str) -> list[Record]:
+    """A JSON manifest: a list of objects, or one object of objects keyed by `key_name`."""
+    try:
+        document = json.loads(text)  # NaN and Infinity parse, as floats: metadata_problem names their row
+    except ValueError as error:
+        raise UserError(f"{name} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UserError(f"{name} is nested too deeply to read (use at most {MAX_METADATA_DEPTH} levels); "
+                        "nothing imported") from None
+    if isinstance(document, dict):
+        return [(f"{name} entry {key!r}", {key_name: key, **value}, None) if isinstance(value, dict)
+                else (f"{name} entry {key!r}", {key_name: key}, f"must be a JSON object, got {type(value).__name__}")
+                for key, value in document.items()]
+    if isinstance(document, list):
+        return [(f"{name} item {i}", item, None) if isinstance(item, dict)
+                else (f"{name} item {i}", None, f"must be a JSON object, got {type(item).__name__}")
+                for i, item in enumerate(document)]
+    raise UserError(f"{name} must hold a JSON list of objects or an object of objects")
 
 
 def _json_object(text_or_value, where: str) -> dict:
@@ -156,9 +228,29 @@ def _json_object(text_or_value, where: str) -> dict:
             value = json.loads(text_or_value)
         except json.JSONDecodeError as error:
             raise UserError(f"{where} is not valid JSON: {error}") from None
+        except RecursionError:
+            raise UserError(f"{where} is nested too deeply to read (at most {MAX_METADATA_DEPTH} levels)") from None
     if not isinstance(value, dict):
         raise UserError(f"{where} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def metadata_problem(metadata: Mapping) -> str | None:
+    """Why Label Studio cannot be sent this metadata, or None: NaN/Infinity (not JSON), nesting
+    deeper than MAX_METADATA_DEPTH, a text value over MAX_VALUE_CHARS characters."""
+    pending: list[tuple[object, int, str]] = [(metadata, 1, "")]
+    while pending:  # iterative: the value may be nested as deep as the JSON parser allows
+        value, depth, path = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"value {path or '(top)'} is {value}, which JSON cannot carry to Label Studio"
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            return f"value {path or '(top)'} is {len(value)} characters, over the {MAX_VALUE_CHARS} allowed"
+        if isinstance(value, (dict, list)):
+            if depth > MAX_METADATA_DEPTH:
+                return f"value {path} is nested more than {MAX_METADATA_DEPTH} levels deep"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            pending.extend((item, depth + 1, f"{path}.{key}" if path else str(key)) for key, item in items)
+    return None
 
 
 def _guess_key_field(columns: Iterable[str], name: str) -> str:
@@ -230,11 +322,14 @@ def plan_import(
     metadata_without_image: Sequence[str] = (),
     data_key: str = "image",
     warnings: Sequence[str] = (),
+    held_back: Mapping[str, str] | None = None,
 ) -> ImportPlan:
     """New tasks for `images` (object names) not already in the project (`existing_uris`: the
-    gs:// URIs in existing tasks' data[data_key]), each with its metadata when there is some."""
+    gs:// URIs in existing tasks' data[data_key]), each with its metadata when there is some.
+    held_back: {image: why} images not to import this run (see `held_back_images`)."""
     existing = {uri.strip() for uri in existing_uris if isinstance(uri, str)}
-    tasks, already, without = [], [], []
+    held_back = held_back or {}
+    tasks, already, without, failed = [], [], [], []
     notes = list(warnings)
     for name in sorted(set(images)):
         uri = gs_uri(bucket, name)
@@ -242,6 +337,9 @@ def plan_import(
             without.append(name)
         if uri in existing:
             already.append(name)
+            continue
+        if name in held_back:
+            failed.append(f"{name}: {held_back[name]}")
             continue
         extra, problems = clean_metadata(metadata.get(name, {}), data_key)
         notes.extend(f"{name}: {problem}" for problem in problems)
@@ -253,7 +351,41 @@ def plan_import(
         without_metadata=tuple(without),
         metadata_without_image=tuple(sorted(metadata_without_image)),
         warnings=tuple(notes),
+        failed=tuple(failed),
     )
+
+
+def held_back_images(
+    bucket: str,
+    prefix: str,
+    images: Sequence[str],
+    metadata: Mapping[str, Mapping],
+    manifest: Manifest | None,
+    sidecars: Mapping[str, str],
+    sidecar_errors: Mapping[str, str],
+) -> dict[str, str]:
+    """{image: why} for images whose metadata could not be used: their manifest row or sidecar
+    failed, or (when the manifest has rows without a readable key) they have no metadata at all.
+
+    A task created without its metadata would never get it (reruns skip imported images), so
+    these wait for a rerun with the metadata fixed.
+    """
+    names = set(images)
+    held: dict[str, str] = {}
+    for image, sidecar in sidecars.items():
+        if sidecar in sidecar_errors and image in names:
+            held[image] = f"sidecar {sidecar_errors[sidecar]}"
+    if manifest is not None:
+        for key, why in manifest.failed.items():
+            image = resolve_key(key, bucket, prefix, names)
+            if image is not None:
+                held[image] = why
+        if manifest.lost:
+            why = (f"no metadata, and the manifest has {len(manifest.lost)} unreadable row(s) that may be "
+                   f"this image's ({manifest.lost[0]})")
+            for image in names - set(metadata) - set(held):
+                held[image] = why
+    return held
 
 
 def gather_metadata(
@@ -280,6 +412,8 @@ def gather_metadata(
                 unmatched.append(key)
                 continue
             metadata[name] = {**metadata.get(name, {}), **row}
+        # Unusable rows of images that exist hold those images back (held_back_images).
+        unmatched += [key for key in manifest.failed if resolve_key(key, bucket, prefix, images) is None]
     return metadata, unmatched
 
 
@@ -296,6 +430,8 @@ def format_report(plan: ImportPlan, source: str, imported: int | None, dry_run: 
         lines.append(f"imported:                {imported or 0}")
     lines.append(_problem_line("images without metadata", plan.without_metadata))
     lines.append(_problem_line("metadata without images", plan.metadata_without_image))
+    if plan.failed:
+        lines.append(_problem_line("failed (not imported)", [line.split(": ", 1)[0] for line in plan.failed]))
     return "\n".join(lines)
 
 
@@ -322,19 +458,26 @@ def read_manifest(location: str, client, key_field: str | None) -> Manifest:
     return parse_manifest(text, manifest_format(location), key_field, name=posixpath.basename(location))
 
 
-def read_sidecars(client, bucket: str, names: Iterable[str], progress: bool) -> tuple[dict[str, dict], list[str]]:
-    """{sidecar name: JSON object}; malformed sidecars are reported, not fatal. GCS failing to
-    answer is fatal (UserError) before anything is imported: a task created without its metadata
-    would never get it, since reruns skip images already imported."""
+def read_sidecars(client, bucket: str, names: Iterable[str], progress: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """({sidecar name: JSON object}, {sidecar name: why it cannot be used}); a malformed sidecar
+    holds back its image (see `held_back_images`), the rest goes on. GCS failing to answer is
+    fatal (UserError) before anything is imported: a task created without its metadata would never
+    get it, since reruns skip images already imported."""
     documents: dict[str, dict] = {}
-    problems: list[str] = []
+    errors: dict[str, str] = {}
     for name in tqdm(sorted(set(names)), desc="reading sidecars", unit="file", disable=not progress):
         content = read_object(client, bucket, name)
         try:
-            documents[name] = _json_object(content.decode("utf-8-sig"), name)
+            document = _json_object(content.decode("utf-8-sig"), name)
         except (UserError, UnicodeDecodeError) as error:
-            problems.append(f"sidecar {name} skipped: {error}")
-    return documents, problems
+            errors[name] = str(error) if isinstance(error, UserError) else f"{name} is not UTF-8 text"
+            continue
+        problem = metadata_problem(document)
+        if problem is None:
+            documents[name] = document
+        else:
+            errors[name] = f"{name}: {problem}"
+    return documents, errors
 
 
 def existing_image_uris(conn: LabelStudioConnection, project_id: int, data_key: str) -> set[str]:
@@ -398,15 +541,16 @@ def run(args: argparse.Namespace, settings: CliSettings) -> int:
     manifest_object = parse_gs_uri(args.manifest)[1] if args.manifest and args.manifest.startswith("gs://") else ""
     candidates = [name for name in object_names if name != manifest_object]
     if args.no_sidecars:
-        sidecars, orphans, documents, problems = {}, [], {}, []
+        sidecars, orphans, documents, sidecar_errors = {}, [], {}, {}
     else:
         sidecars, orphans = pair_sidecars(candidates)
-        documents, problems = read_sidecars(client, bucket, sidecars.values(), progress)
+        documents, sidecar_errors = read_sidecars(client, bucket, sidecars.values(), progress)
     images = [name for name in candidates if is_image_name(name)]
     metadata, unmatched = gather_metadata(bucket, prefix, candidates, manifest, documents, sidecars, orphans)
+    held_back = held_back_images(bucket, prefix, images, metadata, manifest, sidecars, sidecar_errors)
     existing = existing_image_uris(conn, project_id, args.data_key)
     plan = plan_import(bucket, images, metadata, existing, unmatched, args.data_key,
-                       warnings=list(manifest.warnings if manifest else ()) + problems)
+                       warnings=manifest_warnings(manifest), held_back=held_back)
     source = f"gs://{bucket}/{prefix}".rstrip("/")
     for warning in plan.warnings:
         print(f"warning: {warning}")
@@ -415,22 +559,30 @@ def run(args: argparse.Namespace, settings: CliSettings) -> int:
     if args.require_metadata and plan.without_metadata:
         raise UserError(f"{len(plan.without_metadata)} image(s) have no metadata (--require-metadata), "
                         f"nothing imported: {', '.join(plan.without_metadata[:SHOWN])}")
+    for line in plan.failed:
+        print(f"failed: {line}")
     if args.dry_run:
         for task in plan.tasks[:SHOWN]:
-            print(f"would import: {json.dumps(task, default=str)}")
+            print(f"would import: {json.dumps(task, default=str, allow_nan=False)}")
         print(format_report(plan, source, None, dry_run=True))
-        return 0
+        return 1 if plan.failed else 0
     ids = import_tasks(conn, project_id, plan.tasks, args.batch_size, progress) if plan.tasks else []
     print(format_report(plan, source, len(ids) or len(plan.tasks), dry_run=False))
     print(f"project {project_id}: {conn.project_url(project_id)}")
-    return 0
+    return 1 if plan.failed else 0
+
+
+def manifest_warnings(manifest: Manifest | None) -> list[str]:
+    """The manifest's warnings, and one line per row that could not be read (rows that were read
+    but cannot be used are reported with their image, as failed)."""
+    if manifest is None:
+        return []
+    return [*manifest.warnings, *(f"unreadable row: {why}" for why in manifest.lost)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = CliSettings.from_env()
-    configure_logging(settings.log_level)
-    return run_main(lambda: run(args, settings))
+    return run_main(lambda: run(args, configured_settings()))
 
 
 if __name__ == "__main__":

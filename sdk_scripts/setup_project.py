@@ -38,7 +38,7 @@ from sdk_scripts.common import (
     LabelStudioConnection,
     UserError,
     add_label_studio_arguments,
-    configure_logging,
+    configured_settings,
     connect_label_studio,
     list_projects,
     parse_gs_uri,
@@ -317,10 +317,9 @@ def options_from_args(args: argparse.Namespace, settings: CliSettings) -> SetupO
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = CliSettings.from_env()
-    configure_logging(settings.log_level)
 
     def body() -> int:
+        settings = configured_settings()
         options = options_from_args(args, settings)
         conn = connect_label_studio(settings, args.url)
         changes = setup_project(conn, options, progress=not args.no_progress)

@@ -55,10 +55,10 @@ def test_json_lines_and_json_manifests_keep_types():
     assert parse_manifest(as_list, "json").rows == {"a.png": {"sample": "S1"}}
     as_object = json.dumps({"a.png": {"sample": "S1"}, "gs://src/cells/b.png": {"sample": "S2"}})
     assert parse_manifest(as_object, "json").rows == {"a.png": {"sample": "S1"}, "gs://src/cells/b.png": {"sample": "S2"}}
-    with pytest.raises(UserError, match="line 2"):
-        parse_manifest('{"image": "a.png"}\n{not json}\n', "jsonl")
-    with pytest.raises(UserError, match="JSON object"):
-        parse_manifest('["a.png"]\n', "jsonl")
+    # An unreadable line is kept as a lost row; it no longer refuses the whole manifest (issue 8).
+    broken = parse_manifest('{"image": "a.png"}\n{not json}\n', "jsonl")
+    assert broken.rows == {"a.png": {}} and len(broken.lost) == 1 and "line 2" in broken.lost[0]
+    assert "JSON object" in parse_manifest('["a.png"]\n', "jsonl").lost[0]
 
 
 def test_resolve_key_accepts_object_names_relative_names_and_uris_of_the_same_bucket():
