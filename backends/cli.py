@@ -7,10 +7,11 @@ with uvicorn in one process (FastAPI runs the synchronous endpoints in its threa
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from backends.model_base import LabelStudioMLBase
-from backends.settings import Settings
+from backends.settings import Settings, SettingsError
 
 
 def build_parser(model_class: type[LabelStudioMLBase], default_port: int) -> argparse.ArgumentParser:
@@ -37,7 +38,11 @@ def main(
     from backends.server import create_app
 
     args = build_parser(model_class, default_port).parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:  # say what to fix and refuse to start, without a traceback
+        print(f"{model_class.__name__}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level)
     app = create_app(model_class, settings)
     uvicorn.run(

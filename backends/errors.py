@@ -37,6 +37,18 @@ class ImageUnavailable(BackendError):
     status = 422
 
 
+class TooManyRequests(BackendError):
+    """A bounded queue or per-request limit is full: the work was refused, try again later."""
+
+    status = 429
+
+
+class Overloaded(BackendError):
+    """The backend is busy with other requests' images (DECODE_MAX_INFLIGHT_MEGAPIXELS): retry later."""
+
+    status = 503
+
+
 class LabelStudioUnavailable(BackendError):
     """Label Studio did not answer (down, timeout): the backend is degraded, not broken."""
 

@@ -9,6 +9,9 @@ and `health()` / `versions()`, whose results the server reports.
 Lifecycle (see backends/server.py): one instance per Label Studio project, created at `/setup`
 (or at the first `/predict` or webhook for that project) and recreated when the project's label
 config changes; `setup()` runs once per instance, so it must be quick (Label Studio waits 3 s).
+At most MAX_PROJECTS projects are kept: the least recently used one that `project_busy` does not
+hold is evicted, its instance and `get`/`set` state dropped and `forget_project` called, so
+project ids any client can invent cannot grow memory, /health or /metrics without bound.
 """
 
 from __future__ import annotations
@@ -50,19 +53,35 @@ class ModelResponse(pydantic.BaseModel):
 
 
 class ProjectStore:
-    """Per-project key/value state kept in memory, shared by the instances of one server."""
+    """Per-project key/value state kept in memory, shared by the instances of one server.
+
+    Each project's values are one dict, which instances keep a reference to: after `forget`, an
+    instance still serving a request writes to its own (orphaned) dict, never back into the store.
+    """
 
     def __init__(self) -> None:
-        self._values: dict[tuple[str, str], Any] = {}
-        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def values(self, project_id: str) -> dict[str, Any]:
+        """The project's dict (created on first use); read and write it under `lock`."""
+        with self.lock:
+            return self._values.setdefault(project_id, {})
 
     def get(self, project_id: str, key: str) -> Any:
-        with self._lock:
-            return self._values.get((project_id, key))
+        with self.lock:
+            return self._values.get(project_id, {}).get(key)
 
     def set(self, project_id: str, key: str, value: Any) -> None:
-        with self._lock:
-            self._values[(project_id, key)] = value
+        with self.lock:
+            self._values.setdefault(project_id, {})[key] = value
+
+    def forget(self, project_id: str) -> None:
+        with self.lock:
+            self._values.pop(project_id, None)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 @dataclass
@@ -72,7 +91,9 @@ class BackendContext:
     settings: Settings
     images: "ImageFetcher"
     metrics: "Metrics"
-    background: concurrent.futures.ThreadPoolExecutor
+    #: Bounded background work (backends.work_queue.BoundedExecutor in a server): `submit` raises
+    #: QueueFull when BACKGROUND_QUEUE_MAX jobs already wait.
+    background: concurrent.futures.Executor
     store: ProjectStore = field(default_factory=ProjectStore)
     #: Set when the server shuts down: long background work (training) should stop early.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -92,6 +113,10 @@ class LabelStudioMLBase:
         "START_TRAINING",
         "TASKS_CREATED",
     )
+    #: True when `fit` only records the event or queues its own work (milliseconds): the server
+    #: then calls it inside the webhook request and answers with its result, so it can say
+    #: "already queued" or refuse with a 429. False: `fit` runs later on a background worker.
+    FIT_IN_REQUEST: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -104,6 +129,7 @@ class LabelStudioMLBase:
         self.context = context
         # Without a server (a model built by hand, e.g. in a test) state lives in the instance.
         self._store = context.store if context is not None else ProjectStore()
+        self._values = self._store.values(self.project_id or "")
         self._parsed_label_config: "LabelConfig | None" = None
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -146,15 +172,28 @@ class LabelStudioMLBase:
         """Model versions listed by GET /versions."""
         return [cls.MODEL_VERSION or cls.__name__]
 
+    @classmethod
+    def project_busy(cls, project_id: str) -> bool:
+        """True while the project has work queued or running (a training run): the server does
+        not evict a busy project (MAX_PROJECTS)."""
+        return False
+
+    @classmethod
+    def forget_project(cls, project_id: str) -> None:
+        """The server evicted the project (MAX_PROJECTS): drop what the class keeps for it
+        (per-project state, /health entries, metric series). It is rebuilt if the project returns."""
+
     # -- state -------------------------------------------------------------------------------
 
     def get(self, key: str) -> Any:
         """A value stored for this project (None when absent); thread-safe."""
-        return self._store.get(self.project_id or "", key)
+        with self._store.lock:
+            return self._values.get(key)
 
     def set(self, key: str, value: Any) -> None:
-        """Store a value for this project; thread-safe, in memory, lost on restart."""
-        self._store.set(self.project_id or "", key, value)
+        """Store a value for this project; thread-safe, in memory, lost on restart or eviction."""
+        with self._store.lock:
+            self._values[key] = value
 
     @property
     def model_version(self) -> str:
@@ -178,7 +217,11 @@ class LabelStudioMLBase:
 
             if not self.label_config:
                 raise BadRequest("no label config: call /setup first or send label_config with /predict")
-            self._parsed_label_config = parse_label_config(self.label_config)
+            limits = {}
+            if self.context is not None:
+                settings = self.context.settings
+                limits = {"max_kb": settings.label_config_max_kb, "max_depth": settings.label_config_max_depth}
+            self._parsed_label_config = parse_label_config(self.label_config, **limits)
         return self._parsed_label_config
 
     def use_label_config(self, label_config: str) -> None:

@@ -13,7 +13,7 @@ holds tokens and masks), optional basic auth, the body size cap, and error answe
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
 import logging
 import threading
@@ -24,8 +24,8 @@ import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from backends.errors import BadRequest
-from backends.http_guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers
+from backends.errors import BadRequest, TooManyRequests
+from backends.http_guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
 from backends.metrics import Metrics
 from backends.model_base import BackendContext, LabelStudioMLBase
 from backends.protocol import (
@@ -43,6 +43,7 @@ from backends.protocol import (
     project_id_of,
 )
 from backends.settings import Settings
+from backends.work_queue import BoundedExecutor, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +101,36 @@ class _LabelStudioProbe:
 
 class ModelInstances:
     """One model instance per project, created on first use and recreated when its label config
-    changes. Creation (validate the config, then `setup()`) runs once per project at a time."""
+    changes. Creation (validate the config, then `setup()`) runs once per project at a time.
 
-    def __init__(self, model_class: type[LabelStudioMLBase], context: BackendContext):
+    At most `max_projects` (MAX_PROJECTS) are kept, least recently used first out: project ids
+    come from any client, so each new one must not add memory, /health and /metrics entries for
+    good. Evicting drops the instance (its parsed config), its `get`/`set` values and calls
+    `model_class.forget_project`; a project the model says is busy (training) is kept meanwhile.
+    """
+
+    CREATION_LOCKS = 64  # striped: a lock per project id would itself grow without bound
+
+    def __init__(self, model_class: type[LabelStudioMLBase], context: BackendContext, max_projects: int = 32):
         self._model_class = model_class
         self._context = context
-        self._instances: dict[str, LabelStudioMLBase] = {}
-        self._project_locks: dict[str, threading.Lock] = {}
+        self.max_projects = max_projects
+        self._evicted = context.metrics.counter(
+            "projects_evicted", "Projects dropped from memory to stay within MAX_PROJECTS"
+        )
+        self._instances: collections.OrderedDict[str, LabelStudioMLBase] = collections.OrderedDict()
+        self._creation_locks = [threading.Lock() for _ in range(self.CREATION_LOCKS)]
         self._lock = threading.Lock()
 
     def get(self, project_id: str, label_config: str | None) -> LabelStudioMLBase:
         with self._lock:
             instance = self._instances.get(project_id)
             if self._usable(instance, label_config):
+                self._instances.move_to_end(project_id)
                 return instance
-            project_lock = self._project_locks.setdefault(project_id, threading.Lock())
-        with project_lock:
-            instance = self._instances.get(project_id)
+        with self._creation_locks[hash(project_id) % self.CREATION_LOCKS]:
+            with self._lock:
+                instance = self._instances.get(project_id)
             if self._usable(instance, label_config):  # built by a concurrent request meanwhile
                 return instance
             if instance is not None and label_config is None:
@@ -127,11 +141,44 @@ class ModelInstances:
             fresh.setup()
             with self._lock:
                 self._instances[project_id] = fresh
+                self._instances.move_to_end(project_id)
+                evicted = self._evict_over_cap(keep=project_id)
+            for old_project in evicted:
+                self._forget(old_project)
             log.info("model instance ready for project %s (%s)", project_id or "-", fresh.model_version)
             return fresh
 
     def __len__(self) -> int:
         return len(self._instances)
+
+    def project_ids(self) -> list[str]:
+        """Projects held, least recently used first."""
+        with self._lock:
+            return list(self._instances)
+
+    def _evict_over_cap(self, keep: str) -> list[str]:
+        """Under the lock: remove least recently used, idle projects until at most `max_projects`."""
+        evicted: list[str] = []
+        excess = len(self._instances) - self.max_projects
+        for project_id in list(self._instances):
+            if excess <= 0:
+                break
+            if project_id == keep or self._model_class.project_busy(project_id):
+                continue
+            del self._instances[project_id]
+            evicted.append(project_id)
+            excess -= 1
+        return evicted
+
+    def _forget(self, project_id: str) -> None:
+        self._context.store.forget(project_id)
+        try:
+            self._model_class.forget_project(project_id)
+        except Exception:  # eviction must not fail the request that caused it
+            log.exception("%s.forget_project(%s) failed", self._model_class.__name__, project_id)
+        self._evicted.inc()
+        log.info("project %s evicted: more than %d projects in memory (MAX_PROJECTS)", project_id or "-",
+                 self.max_projects)
 
     @staticmethod
     def _usable(instance: LabelStudioMLBase | None, label_config: str | None) -> bool:
@@ -154,6 +201,7 @@ def create_app(
     Calls `model_class.startup(context)` before returning. `app.state.context` and
     `app.state.instances` give tests and tools access to the machinery.
     """
+    settings.validate()  # refuse half-configured basic auth and the like before serving anything
     if images is None:
         from backends.images import ImageFetcher
 
@@ -163,11 +211,11 @@ def create_app(
         settings=settings,
         images=images,
         metrics=metrics,
-        background=concurrent.futures.ThreadPoolExecutor(BACKGROUND_WORKERS, thread_name_prefix="background"),
+        background=BoundedExecutor(BACKGROUND_WORKERS, settings.background_queue_max, name="background"),
     )
     telemetry = Telemetry(metrics)
     model_class.startup(context)
-    instances = ModelInstances(model_class, context)
+    instances = ModelInstances(model_class, context, settings.max_projects)
     probe = _LabelStudioProbe(images)
     probe.reachable()  # first probe starts now, so the first /health already knows
     # Health checks get their own threads: slow predictions must not starve them.
@@ -206,7 +254,10 @@ def create_app(
         if extra.pop("status", "UP") != "UP":
             report["status"] = "DEGRADED"
         report.update(extra)
-        return report
+        setup_report = getattr(images, "setup_report", None)
+        if setup_report is not None:  # where the Label Studio URL comes from, /setup values refused
+            report["label_studio_setup"] = setup_report()
+        return redact_answer(report)  # like log lines: no token or URL password in an answer
 
     @app.get(
         "/health",
@@ -242,6 +293,9 @@ def create_app(
         prompts, params = predict_arguments(body.params)
         response = model.predict(body.tasks, context=prompts, **params)
         results = predictions_of(response, model.model_version)
+        for result in results:  # a per-task error message is redacted like any error answer
+            if isinstance(result, dict) and isinstance(result.get("error"), str):
+                result["error"] = redact_answer(result["error"])
         # An empty list is a deliberate "nothing yet" (e.g. SAM prewarming); a partial one is a bug.
         if results and len(results) != len(body.tasks):
             log.warning(
@@ -251,16 +305,26 @@ def create_app(
         # Rendered here, not by FastAPI's encoder: models may return NumPy numbers and arrays.
         return JSONAnswer({"results": results})
 
-    def run_fit(action: str, project_id: str, label_config: str | None, data: dict) -> None:
+    def fit_counted(action: str, project_id: str, label_config: str | None, data: dict) -> Any:
+        """The project's instance runs `fit`; the outcome is counted in webhook_jobs_total."""
         try:
             model = instances.get(project_id, label_config)
-            model.fit(action, data)
+            result = model.fit(action, data)
+        except TooManyRequests:
+            telemetry.webhooks.labels(action, "refused").inc()
+            raise
+        except Exception:
+            telemetry.webhooks.labels(action, "error").inc()
+            raise
+        telemetry.webhooks.labels(action, "ok").inc()
+        return result
+
+    def fit_in_background(action: str, project_id: str, label_config: str | None, data: dict) -> None:
+        try:
+            fit_counted(action, project_id, label_config, data)
         except Exception as error:
             log.exception("%s for project %s failed in the background", action, project_id or "-")
             telemetry.error("/webhook", type(error).__name__)
-            telemetry.webhooks.labels(action, "error").inc()
-        else:
-            telemetry.webhooks.labels(action, "ok").inc()
 
     @app.post(
         "/webhook",
@@ -277,7 +341,19 @@ def create_app(
         label_config = body.project.get("label_config") if isinstance(body.project, dict) else None
         data = body.model_dump()
         data.pop("action")
-        context.background.submit(run_fit, body.action, project_id, label_config, data)
+        if model_class.FIT_IN_REQUEST:  # fit only queues its own bounded work: answer with what it did
+            result = fit_counted(body.action, project_id, label_config, data)
+            details = {key: value for key, value in (result or {}).items() if key != "status"}
+            return {**details, "status": "ok"}
+        try:
+            context.background.submit(fit_in_background, body.action, project_id, label_config, data)
+        except QueueFull as full:
+            telemetry.webhooks.labels(body.action, "refused").inc()
+            raise TooManyRequests(
+                f"too much background work: {full.running} webhook or prewarm jobs running and {full.waiting} "
+                f"waiting (BACKGROUND_QUEUE_MAX={settings.background_queue_max}); {body.action} for project "
+                f"{project_id or '-'} was not queued, send it again later"
+            ) from None
         return {"status": "ok"}
 
     @app.get(

@@ -21,6 +21,22 @@ def _list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+class SettingsError(ValueError):
+    """A configuration the backend must not start with; the message names the variable to fix."""
+
+
+def _count(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    """An integer variable of at least `minimum`; SettingsError naming `name` otherwise."""
+    raw = env.get(name, "") or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     # Label Studio connection (the /setup call may also hand over hostname and token)
@@ -31,12 +47,24 @@ class Settings:
     basic_auth_pass: str = field(default="", repr=False)
     log_level: str = "INFO"
     max_request_mb: float = 64.0
+    # Work and state any client can create: each bounded (README, Operations / Limits)
+    max_projects: int = 32  # projects with a model instance in memory (least recently used evicted)
+    background_queue_max: int = 64  # webhook jobs and SAM prewarms waiting for a background worker
+    label_config_max_kb: float = 256.0
+    label_config_max_depth: int = 64
     # Image access
     image_allowed_hosts: tuple[str, ...] = ()
     image_max_bytes: int = 64 * 1024 * 1024
     image_max_pixels: int = 120_000_000
     image_fetch_timeout_s: float = 15.0
     image_fetch_retries: int = 2
+    image_fetch_deadline_s: float = 0.0  # one fetch in all (connect, redirects, retries, reads); 0: 4 x timeout
+    image_fetch_per_host: int = 8  # fetches in flight per image host (scheme, host, port)
+    image_fetch_queue_wait_s: float = 2.0  # how long a fetch waits for its host's slot before a 503
+    image_max_jpeg_scans: int = 100  # scans of one JPEG; each costs a pass over the whole image
+    decode_max_inflight_pixels: int = 0  # decoded pixels held at once, all requests; 0: 2 x image_max_pixels
+    decode_wait_s: float = 30.0  # how long a decode waits for that budget before a 503
+    decode_concurrency: int = 2  # images decoded at the same time (each needs ~4 more bytes per pixel while decoding)
     image_cache_dir: Path = Path("run/image-cache")
     image_cache_mb: float = 512.0
     gcs_direct_read: bool = False
@@ -47,12 +75,22 @@ class Settings:
     sam_model_type: str = "vit_b"
     sam_checkpoint: str = ""
     embedding_cache_mb: float = 1024.0
+    prewarm_max_per_request: int = 16  # embeddings one request (or one project at a time) may start
+    max_prompts_per_request: int = 64  # interactive prompts (context regions x tasks) per /predict
+    sam_sdpa: bool = True
+    sam_compile: bool = False
+    embed_batch: int = 0
+    embed_batch_wait_ms: float = 5.0
     # Segmentation backend
     model_dir: Path = Path("models/segmentation")
     seg_checkpoint: str = ""
     train_every: int = 10
     train_minutes: float = 5.0
     val_fraction: float = 0.2
+    seg_max_rle_mb: float = 4.0  # brush RLE of one task's prediction; too fragmented labels are left out
+    train_concurrency: int = 1  # training runs at once, all projects together
+    train_queue_max: int = 8  # runs waiting for a slot; beyond it START_TRAINING gets a 429
+    polygon_max_vertices: int = 10_000  # per annotated polygon rasterised for training / export
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -65,11 +103,22 @@ class Settings:
             basic_auth_pass=get("BASIC_AUTH_PASS", ""),
             log_level=get("LOG_LEVEL", "INFO").upper(),
             max_request_mb=float(get("MAX_REQUEST_MB", "64")),
+            max_projects=_count(env, "MAX_PROJECTS", 32),
+            background_queue_max=_count(env, "BACKGROUND_QUEUE_MAX", 64, minimum=0),
+            label_config_max_kb=float(get("LABEL_CONFIG_MAX_KB", "256")),
+            label_config_max_depth=_count(env, "LABEL_CONFIG_MAX_DEPTH", 64),
             image_allowed_hosts=_list(get("IMAGE_ALLOWED_HOSTS")),
             image_max_bytes=int(float(get("IMAGE_MAX_MB", "64")) * 1024 * 1024),
             image_max_pixels=int(float(get("IMAGE_MAX_MEGAPIXELS", "120")) * 1_000_000),
             image_fetch_timeout_s=float(get("IMAGE_FETCH_TIMEOUT", "15")),
             image_fetch_retries=int(get("IMAGE_FETCH_RETRIES", "2")),
+            image_fetch_deadline_s=float(get("IMAGE_FETCH_DEADLINE", "0")),
+            image_fetch_per_host=_count(env, "IMAGE_FETCH_PER_HOST", 8),
+            image_fetch_queue_wait_s=float(get("IMAGE_FETCH_QUEUE_WAIT", "2")),
+            image_max_jpeg_scans=_count(env, "IMAGE_MAX_JPEG_SCANS", 100),
+            decode_max_inflight_pixels=int(float(get("DECODE_MAX_INFLIGHT_MEGAPIXELS", "0")) * 1_000_000),
+            decode_wait_s=float(get("DECODE_WAIT_TIMEOUT", "30")),
+            decode_concurrency=_count(env, "DECODE_CONCURRENCY", 2),
             image_cache_dir=Path(get("IMAGE_CACHE_DIR", "run/image-cache")),
             image_cache_mb=float(get("IMAGE_CACHE_MB", "512")),
             gcs_direct_read=_bool(get("GCS_DIRECT_READ"), False),
@@ -78,9 +127,51 @@ class Settings:
             sam_model_type=get("SAM_MODEL_TYPE", "vit_b"),
             sam_checkpoint=get("SAM_CHECKPOINT", ""),
             embedding_cache_mb=float(get("EMBEDDING_CACHE_MB", "1024")),
+            prewarm_max_per_request=_count(env, "PREWARM_MAX_PER_REQUEST", 16, minimum=0),
+            max_prompts_per_request=_count(env, "MAX_PROMPTS_PER_REQUEST", 64),
+            sam_sdpa=_bool(get("SAM_SDPA"), True),
+            sam_compile=_bool(get("SAM_COMPILE"), False),
+            embed_batch=int(get("EMBED_BATCH", "0")),
+            embed_batch_wait_ms=float(get("EMBED_BATCH_WAIT_MS", "5")),
             model_dir=Path(get("MODEL_DIR", "models/segmentation")),
             seg_checkpoint=get("SEG_CHECKPOINT", ""),
             train_every=int(get("TRAIN_EVERY", "10")),
             train_minutes=float(get("TRAIN_MINUTES", "5")),
             val_fraction=float(get("VAL_FRACTION", "0.2")),
-        )
+            seg_max_rle_mb=float(get("SEG_MAX_RLE_MB", "4")),
+            train_concurrency=_count(env, "TRAIN_CONCURRENCY", 1),
+            train_queue_max=_count(env, "TRAIN_QUEUE_MAX", 8, minimum=0),
+            polygon_max_vertices=_count(env, "POLYGON_MAX_VERTICES", 10_000, minimum=3),
+        ).validate()
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        """Decoded pixels held at once: DECODE_MAX_INFLIGHT_MEGAPIXELS, or 2 x IMAGE_MAX_MEGAPIXELS when unset."""
+        if self.decode_max_inflight_pixels > 0:
+            return self.decode_max_inflight_pixels
+        return max(2 * self.image_max_pixels, 1)
+
+    @property
+    def fetch_deadline_s(self) -> float:
+        """The total deadline of one image fetch: IMAGE_FETCH_DEADLINE, or 4 x IMAGE_FETCH_TIMEOUT when unset."""
+        return self.image_fetch_deadline_s if self.image_fetch_deadline_s > 0 else 4 * self.image_fetch_timeout_s
+
+    def validate(self) -> "Settings":
+        """Refuse configurations that would run unsafely; returns self. Raises SettingsError.
+
+        Basic auth is all or nothing: a password without a user used to leave auth off, and a user
+        without a password accepted an empty one.
+        """
+        if self.basic_auth_pass and not self.basic_auth_user:
+            raise SettingsError(
+                "BASIC_AUTH_PASS is set but BASIC_AUTH_USER is empty: basic auth would be off. "
+                "Set both to require basic auth, or unset both."
+            )
+        if self.basic_auth_user and not self.basic_auth_pass:
+            raise SettingsError(
+                "BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty: an empty password would be accepted. "
+                "Set BASIC_AUTH_PASS too, or unset BASIC_AUTH_USER."
+            )
+        if self.label_config_max_kb <= 0:
+            raise SettingsError(f"LABEL_CONFIG_MAX_KB={self.label_config_max_kb} must be above 0")
+        return self

@@ -82,6 +82,20 @@ def prompts_from_context(
     return _assemble(boxes, points)
 
 
+def check_prompt_count(context: Any, task_count: int, limit: int) -> None:
+    """BadRequest when an interactive request holds more than `limit` prompts (context regions x
+    tasks, each costing an engine call and a mask); checked before any region is read."""
+    regions = context.get("result") if isinstance(context, Mapping) else None
+    if not isinstance(regions, list):
+        return  # context_regions says what is wrong with it
+    prompts = len(regions) * max(task_count, 1)
+    if prompts > limit:
+        raise BadRequest(
+            f"this interactive request holds {prompts} prompts ({len(regions)} context regions x "
+            f"{max(task_count, 1)} tasks); at most {limit} are accepted per request (MAX_PROMPTS_PER_REQUEST)"
+        )
+
+
 def context_regions(context: Any) -> list[Mapping[str, Any]]:
     """The regions of an interactive context, checked for shape before anything reads them.
 

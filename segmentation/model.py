@@ -7,29 +7,38 @@ The story, in order:
   resized); each class present becomes one `brushlabels` region (plus `polygonlabels` where the
   config has PolygonLabels), scored by its mean confidence; the task's score says how sure the
   model is overall, so Label Studio can sort by uncertainty. No model yet: empty results.
-- fit: START_TRAINING trains at once; ANNOTATION_CREATED/UPDATED trains once TRAIN_EVERY new
-  annotations have arrived. The webhook returns at once; a training thread (one per project)
-  fetches the project's annotations from Label Studio, trains for TRAIN_MINUTES, saves a new
-  version atomically and only then serves it. Progress and problems are in /health and /metrics.
+- fit: START_TRAINING trains; ANNOTATION_CREATED/UPDATED trains once TRAIN_EVERY new annotations
+  have arrived. fit runs inside the webhook request (FIT_IN_REQUEST) and only queues a run: one
+  training queue for all projects runs TRAIN_CONCURRENCY runs at once with at most TRAIN_QUEUE_MAX
+  waiting (beyond it the webhook gets a 429 with a message); a project already queued or training
+  is not queued twice (the answer says so). A run fetches the project's annotations from Label
+  Studio, trains for TRAIN_MINUTES, saves a new version atomically and only then serves it.
+  Progress and problems are in /health and /metrics.
+- The server keeps MAX_PROJECTS projects; `forget_project` drops an evicted project's state,
+  /health entry and metric series (a queued or training project is never evicted).
 
 Versions of project P live in MODEL_DIR/project-P/ (see segmentation/versions.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import requests
-
-from backends.errors import BackendError, LabelStudioUnavailable
+import numpy as np
+from backends.errors import BackendError, LabelStudioUnavailable, TooManyRequests
 from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.pixel_budget import holding_image
 from backends.protocol import image_uri_of
 from backends.regions import brush_region, polygon_regions
-from segmentation.data import samples_from_tasks
+from backends.work_queue import KeyedQueue, QueueFull
+from segmentation.data import SampleStore, samples_from_tasks
 from segmentation.inference import segment_images
 from segmentation.network import resolve_device
 from segmentation.training import Progress, TrainConfig, train
@@ -46,8 +55,12 @@ from segmentation.versions import (
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"
-PREDICT_CHUNK = 8  # images decoded and segmented together: bounds memory on "Retrieve predictions"
-MAX_REPORTED_PROBLEMS = 20
+# Upper bound of brush RLE bytes per run of a mask (a token is at most 1 + 2 + 16 + 8 bits).
+RLE_BYTES_PER_RUN = 27 / 8
+TRAINING_SAMPLES_PREFIX = ".training-samples-"  # decoded training data of a run, under project-P/
+MAX_REPORTED_PROBLEMS = 10
+MAX_REPORTED_CHARS = 200  # per problem or error message in /health
+MAX_REPORTED_LABELS = 50  # model_labels listed per project in /health
 
 
 @dataclass
@@ -57,7 +70,6 @@ class ProjectState:
     model: LoadedModel | None = None
     new_annotations: int = 0
     training: dict[str, Any] = field(default_factory=lambda: {"state": "idle"})
-    thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -66,6 +78,7 @@ class SegmentationBackend(LabelStudioMLBase):
 
     MODEL_VERSION = UNTRAINED
     TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "START_TRAINING")
+    FIT_IN_REQUEST = True  # fit counts or queues (milliseconds): the webhook answers with the outcome
 
     _context: ClassVar[BackendContext | None] = None
     _projects: ClassVar[dict[str, ProjectState]] = {}
@@ -73,6 +86,7 @@ class SegmentationBackend(LabelStudioMLBase):
     _fallback_error: ClassVar[str | None] = None  # why the fallback model could not be loaded
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
     _inference_lock: ClassVar[threading.Lock] = threading.Lock()  # one forward pass at a time
+    _training_queue: ClassVar[KeyedQueue]
 
     # -- process start ---------------------------------------------------------------------------
 
@@ -80,10 +94,15 @@ class SegmentationBackend(LabelStudioMLBase):
     def startup(cls, context: BackendContext) -> None:
         cls._context = context
         cls._projects = {}
+        settings = context.settings
+        cls._training_queue = KeyedQueue(settings.train_concurrency, settings.train_queue_max, name="training")
         cls._device = resolve_device(context.settings.device)
         model_dir = Path(context.settings.model_dir)
         for folder in [model_dir, *model_dir.glob("project-*")]:
             for leftover in remove_incomplete(folder):
+                log.warning("removed %s, left by an interrupted training run", leftover)
+            for leftover in folder.glob(TRAINING_SAMPLES_PREFIX + "*"):
+                shutil.rmtree(leftover, ignore_errors=True)
                 log.warning("removed %s, left by an interrupted training run", leftover)
         cls._fallback = cls._load_fallback(context.settings)
         metrics = context.metrics
@@ -121,8 +140,33 @@ class SegmentationBackend(LabelStudioMLBase):
 
     @property
     def state(self) -> ProjectState:
-        with self._registry_lock:
-            return self._projects.setdefault(self.project_id or "", ProjectState())
+        """The project's state, shared by its instances; an instance keeps the one it found, so an
+        instance still serving after its project was evicted never re-adds it."""
+        state = self.__dict__.get("_state")
+        if state is None:
+            with self._registry_lock:
+                state = self._projects.setdefault(self.project_id or "", ProjectState())
+            self._state = state
+        return state
+
+    @classmethod
+    def project_busy(cls, project_id: str) -> bool:
+        return cls._training_queue.state(project_id) is not None
+
+    @classmethod
+    def forget_project(cls, project_id: str) -> None:
+        """Drop the evicted project's state (its loaded model too: reloaded from disk if it returns)
+        and its metric series, so /health and /metrics list only the projects in memory."""
+        with cls._registry_lock:
+            cls._projects.pop(project_id, None)
+        project = project_id or "default"
+        series = [(gauge, (project,)) for gauge in cls._gauges.values()]
+        series += [(cls._runs, (project, outcome)) for outcome in ("ok", "failed")] + [(cls._skipped, (project,))]
+        for metric, labels in series:
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never reported for this project
+                pass
 
     @property
     def project_dir(self) -> Path:
@@ -151,88 +195,132 @@ class SegmentationBackend(LabelStudioMLBase):
         if model is None:  # nothing trained yet: empty pre-annotations, explained in /health
             return ModelResponse(model_version=UNTRAINED, predictions=[{"result": [], "score": 0.0} for _ in tasks])
         config = self.parsed_label_config
-        image_name = next(tag.to_name for tag in config.output_tags())
+        image_name = config.output_image()  # an Image tag, whatever the output tag's first toName is
         image_key = config.images[image_name]
-        predictions = []
-        for start in range(0, len(tasks), PREDICT_CHUNK):
-            predictions += self._predict_chunk(model, tasks[start : start + PREDICT_CHUNK], image_name,
-                                               image_key, single=len(tasks) == 1)
+        single = len(tasks) == 1
+        predictions = [self._predict_task(model, task, image_name, image_key, single) for task in tasks]
         return ModelResponse(model_version=model.info.version, predictions=predictions)
 
-    def _predict_chunk(self, model: LoadedModel, tasks: list[dict], image_name: str, image_key: str,
-                       single: bool) -> list[dict]:
-        images, problems = {}, {}
-        for index, task in enumerate(tasks):
-            task_id = task.get("id") if isinstance(task, dict) else None
-            try:
-                images[index] = self.context.images.load(image_uri_of(task, image_key), task_id).pixels
-            except BackendError as error:
-                if single:
-                    raise  # the annotator opened this task: say what is wrong with its image
-                log.warning("task %s: no prediction, %s", task_id, error.message)
-                problems[index] = error.message
-        with self._inference_lock:
-            segmentations = segment_images(model.network, list(images.values()), model.device,
-                                           size_multiple=model.info.network.size_multiple)
-        by_task = dict(zip(images, segmentations))
-        predictions = []
-        for index in range(len(tasks)):
-            segmentation = by_task.get(index)
-            if segmentation is None:  # the task's image failed: an empty prediction that says why
-                predictions.append({"result": [], "score": 0.0, "model_version": model.info.version,
-                                    "error": problems[index]})
-                continue
-            regions = self._regions(segmentation, model.info.labels, image_name)
-            predictions.append({"result": regions, "score": segmentation.score, "model_version": model.info.version})
-        return predictions
+    def _predict_task(self, model: LoadedModel, task: dict, image_name: str, image_key: str, single: bool) -> dict:
+        """One task's prediction. Its image is decoded, segmented and turned into regions while its
+        pixels hold their share of the decode budget (DECODE_MAX_INFLIGHT_MEGAPIXELS), then
+        dropped: a batch of any length holds one image at a time. A failed image gives an empty
+        prediction that says why (an error when it is the only task: the annotator opened it)."""
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            with holding_image(self.context.images, image_uri_of(task, image_key), task_id) as image:
+                with self._inference_lock:
+                    (segmentation,) = segment_images(model.network, [image.pixels], model.device,
+                                                     size_multiple=model.info.network.size_multiple)
+                regions, notes = self._regions(segmentation, model.info.labels, image_name)
+        except BackendError as error:
+            if single:
+                raise
+            log.warning("task %s: no prediction, %s", task_id, error.message)
+            return {"result": [], "score": 0.0, "model_version": model.info.version, "error": error.message}
+        prediction = {"result": regions, "score": segmentation.score, "model_version": model.info.version}
+        if notes:
+            log.warning("task %s: %s", task_id, "; ".join(notes))
+            prediction["error"] = "; ".join(notes)
+        return prediction
 
-    def _regions(self, segmentation, model_labels: tuple[str, ...], image_name: str) -> list[dict]:
-        """One brushlabels region per class present (and polygons where the config has them).
+    def _regions(self, segmentation, model_labels: tuple[str, ...], image_name: str) -> tuple[list[dict], list[str]]:
+        """One brushlabels region per class present (and polygons where the config has them), and
+        a note for each label left out.
 
         The model's classes are matched to the config by label name: labels the project no longer
-        has are dropped; labels it added are predicted once a model is trained with them.
+        has are dropped; labels it added are predicted once a model is trained with them. A label
+        whose mask is so fragmented that the task's brush RLE would pass SEG_MAX_RLE_MB (estimated
+        from its runs before encoding) is left out: Label Studio cannot use such an answer.
         """
         config = self.parsed_label_config
         brush, polygon = config.brush_for(image_name), config.polygon_for(image_name)
         height, width = segmentation.mask.shape
+        budget = self.context.settings.seg_max_rle_mb * 2**20
         regions: list[dict] = []
+        notes: list[str] = []
         for index, score in sorted(segmentation.class_confidence.items()):
             label = model_labels[index - 1]
+            wanted_brush = brush is not None and label in brush.labels
+            wanted_polygon = polygon is not None and label in polygon.labels
+            if not (wanted_brush or wanted_polygon):
+                continue
             mask = segmentation.mask == index
-            if brush is not None and label in brush.labels:
+            size = mask_runs(mask) * RLE_BYTES_PER_RUN
+            if size > budget:
+                notes.append(f"label {label!r} left out: its predicted mask is too fragmented (brush RLE of "
+                             f"about {size / 2**20:.1f} MiB, more than SEG_MAX_RLE_MB={self.context.settings.seg_max_rle_mb:g})")
+                continue
+            budget -= size
+            if wanted_brush:
                 regions.append(brush_region(mask, label, brush, width, height, score=score, to_name=image_name))
-            if polygon is not None and label in polygon.labels:
+            if wanted_polygon:
                 regions += polygon_regions(mask, label, polygon, width, height, score=score, to_name=image_name)
-        return regions
+        return regions, notes
 
     # -- fit -------------------------------------------------------------------------------------
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
+        """Count the annotation or queue a training run; returns what happened, for the webhook's
+        answer: {"training": "waiting" | "queued" | "already queued" | "already running", ...}.
+        Raises TooManyRequests when the training queue is full (the annotation count is kept, so a
+        later annotation tries again)."""
         state = self.state
         with state.lock:
             if event != "START_TRAINING":
                 state.new_annotations += 1
                 if state.new_annotations < self.context.settings.train_every:
-                    return {"status": "waiting", "new_annotations": state.new_annotations}
-            if state.thread is not None and state.thread.is_alive():
-                return {"status": "already training"}
-            state.new_annotations = 0
-            state.training = {"state": "training", "reason": event, "started": time.time(), "epoch": 0}
-            state.thread = threading.Thread(target=self._train, name=f"train-project-{self.project_id}", daemon=True)
-            state.thread.start()
-        return {"status": "training started"}
+                    return {"training": "waiting", "new_annotations": state.new_annotations,
+                            "train_every": self.context.settings.train_every}
+            outcome = self._queue_training(event)
+            if outcome == "queued":
+                state.new_annotations = 0
+                state.training = {"state": "queued", "reason": event, "queued": time.time()}
+        answer: dict[str, Any] = {"training": outcome}
+        position = self._training_queue.position(self.project_id or "")
+        if position is not None:
+            answer["position"] = position
+        return answer
+
+    def _queue_training(self, event: str) -> str:
+        """Put a run of this project in the training queue: "queued", "already queued" or
+        "already running"; TooManyRequests when TRAIN_QUEUE_MAX runs already wait."""
+        queue = self._training_queue
+        try:
+            return queue.submit(self.project_id or "", self._run_queued)
+        except QueueFull as full:
+            raise TooManyRequests(
+                f"the training queue is full: {full.running} running and {full.waiting} waiting "
+                f"(TRAIN_CONCURRENCY={queue.workers}, TRAIN_QUEUE_MAX={queue.max_waiting}); "
+                f"{event} for project {self.project_id or '-'} was not queued, send it again later"
+            ) from None
+
+    def _run_queued(self) -> None:
+        """A training slot is free: run, unless the server is stopping."""
+        if self.context.stopping.is_set():
+            self._report(state="idle", finished=time.time(), note="not run: the server was stopping")
+            return
+        with self.state.lock:
+            reason = self.state.training.get("reason")
+            self.state.training = {"state": "training", "reason": reason, "started": time.time(), "epoch": 0}
+        self._train()
 
     def _train(self) -> None:
         """The training thread: annotations -> samples -> new version -> served."""
         project = self.project_id or "default"
         settings = self.context.settings
         self._gauges["training"].labels(project).set(1)
+        stack = contextlib.ExitStack()  # removes the run's decoded samples, whatever happens
         try:
             if not self.label_config:  # a webhook arrived before any /setup: ask Label Studio
                 self.use_label_config(self._label_studio_get(f"/api/projects/{self.project_id}")["label_config"])
             labels = self.parsed_label_config.output_labels()
-            samples, problems = self._training_samples(labels)
-            self._report(problems=problems[:MAX_REPORTED_PROBLEMS], problem_count=len(problems), samples=len(samples))
+            self.project_dir.mkdir(parents=True, exist_ok=True)
+            samples_dir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=self.project_dir))
+            samples, problems = self._training_samples(labels, SampleStore(Path(samples_dir)))
+            self._report(problems=[_short(problem) for problem in problems[:MAX_REPORTED_PROBLEMS]],
+                         problem_count=len(problems), samples=len(samples))
             if problems:
                 self._skipped.labels(project).inc(len(problems))
                 log.warning("project %s: %d problems in the training data, e.g. %s", project, len(problems), problems[0])
@@ -256,19 +344,23 @@ class SegmentationBackend(LabelStudioMLBase):
         except Exception as error:  # the served model stays; the failure is reported, not raised
             message = error.message if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
             log.error("project %s: training failed: %s", project, message, exc_info=not isinstance(error, (BackendError, ValueError)))
-            self._report(state="failed", error=message, finished=time.time())
+            self._report(state="failed", error=_short(message), finished=time.time())
             self._runs.labels(project, "failed").inc()
         finally:
+            stack.close()
             self._gauges["training"].labels(project).set(0)
 
-    def _training_samples(self, labels: tuple[str, ...]):
+    def _training_samples(self, labels: tuple[str, ...], store: SampleStore):
+        """(samples, problems) from the project's annotated tasks; each decoded image and mask goes
+        to `store` (disk) at once, so memory holds one image whatever the number of tasks."""
         config = self.parsed_label_config
-        image_name = next(tag.to_name for tag in config.output_tags())
+        image_name = config.output_image()  # an Image tag, whatever the output tag's first toName is
         output_names = [tag.name for tag in config.output_tags() if tag.targets(image_name)]
         label_map = {label: index for index, label in enumerate(labels, start=1)}
         tasks = self._labelled_tasks()
         return samples_from_tasks(tasks, config.images[image_name], output_names, label_map,
-                                  lambda uri, task_id: self.context.images.load(uri, task_id).pixels)
+                                  lambda uri, task_id: self.context.images.load(uri, task_id).pixels, store=store,
+                                  max_polygon_vertices=self.context.settings.polygon_max_vertices)
 
     def _labelled_tasks(self) -> list[dict]:
         """The project's annotated tasks through Label Studio's export API (JSON, annotations inline)."""
@@ -284,11 +376,8 @@ class SegmentationBackend(LabelStudioMLBase):
                 "cannot reach the Label Studio API: its URL or API key is unknown "
                 "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend in Label Studio)")
         for attempt in range(2):
-            try:
-                response = requests.get(f"{images.label_studio_url}{path}", params=params,
-                                        headers=auth.headers(), timeout=120)
-            except requests.RequestException as error:
-                raise LabelStudioUnavailable(f"Label Studio did not answer GET {path}: {type(error).__name__}") from None
+            # The fetcher attaches the token only for the Label Studio origin and follows no redirect.
+            response = images.label_studio_get(path, params=params, timeout_s=120)
             if response.status_code == 401 and attempt == 0:
                 auth.on_unauthorized()  # a personal access token's access token expired: refresh once
                 continue
@@ -328,12 +417,16 @@ class SegmentationBackend(LabelStudioMLBase):
             report["model_state_detail"] = "no trained model yet: predictions are empty until a training run finishes"
         if cls._fallback_error:
             report["fallback_model_error"] = cls._fallback_error
+        running, waiting = cls._training_queue.counts()
+        report["training_queue"] = {"running": running, "waiting": waiting,
+                                    "concurrency": cls._training_queue.workers,
+                                    "max_waiting": cls._training_queue.max_waiting}
         for project, state in projects.items():
             with state.lock:
                 served = state.model or cls._fallback
                 report["projects"][project] = {
                     "model_version": served.info.version if served else UNTRAINED,
-                    "model_labels": list(served.info.labels) if served else [],
+                    "model_labels": list(served.info.labels[:MAX_REPORTED_LABELS]) if served else [],
                     "new_annotations": state.new_annotations,
                     **state.training,
                 }
@@ -353,3 +446,15 @@ class SegmentationBackend(LabelStudioMLBase):
                                "labels": list(info.labels), "current": info.version == current,
                                "val_dice": info.metrics.get("val_dice"), "val_iou": info.metrics.get("val_iou")})
         return listed
+
+
+def _short(message: Any) -> str:
+    """A message cut to MAX_REPORTED_CHARS for /health (problems quote URIs, which can be long)."""
+    text = str(message)
+    return text if len(text) <= MAX_REPORTED_CHARS else text[: MAX_REPORTED_CHARS - 3] + "..."
+
+
+def mask_runs(mask: np.ndarray) -> int:
+    """Runs of equal pixels in an HxW bool mask read row-major, as brush RLE encodes it."""
+    flat = mask.ravel()
+    return 1 + int(np.count_nonzero(flat[1:] != flat[:-1])) if flat.size else 0
