@@ -17,6 +17,8 @@ import numpy as np
 
 from backends.cache import ByteLRU
 from backends.model_base import BackendContext
+from backends.pixel_budget import holding_image
+from sam.embed_batcher import EmbedBatcher
 from sam.engines import embedding_nbytes
 
 
@@ -44,11 +46,20 @@ class EmbeddingStore:
             name="embeddings",
             metrics=context.metrics,
         )
+        self.batcher = EmbedBatcher(
+            engine,
+            max_batch=embed_batch_size(context.settings.embed_batch, str(getattr(engine, "device", "cpu"))),
+            wait_s=context.settings.embed_batch_wait_ms / 1000.0,
+            engine_lock=self._embed_lock,
+        )
 
-    def get(self, uri: str, task_id: int | None) -> ImageEmbedding:
-        """The embedding of the task's image: cached, or fetched and computed once (concurrent callers wait)."""
-        images = self._context.images
-        return self.cache.get_or_compute(images.identity(uri, task_id), lambda: self._compute(uri, task_id))
+    def get(self, uri: str, task_id: int | None, interactive: bool = True) -> ImageEmbedding:
+        """The embedding of the task's image: cached, or fetched and computed once (concurrent callers
+        wait). `interactive` (an annotator waits) jobs are embedded before prewarm jobs."""
+        identity = self._context.images.identity(uri, task_id)
+        if interactive:
+            self.batcher.promote(identity)
+        return self.cache.get_or_compute(identity, lambda: self._compute(uri, task_id, identity, interactive))
 
     def predict(
         self,
@@ -80,8 +91,17 @@ class EmbeddingStore:
             },
         }
 
-    def _compute(self, uri: str, task_id: int | None) -> ImageEmbedding:
-        image = self._context.images.load(uri, task_id)
-        with self._embed_lock:
-            embedding = self.engine.embed(image.pixels)
-        return ImageEmbedding(embedding, width=image.width, height=image.height)
+    def _compute(self, uri: str, task_id: int | None, identity: str, interactive: bool) -> ImageEmbedding:
+        # The pixels count against the decode budget until embedded: images waiting for the engine
+        # are what fills memory when many annotators open large images at once.
+        with holding_image(self._context.images, uri, task_id) as image:
+            embedding = self.batcher.embed(identity, image.pixels, interactive)
+            return ImageEmbedding(embedding, width=image.width, height=image.height)
+
+
+def embed_batch_size(setting: int, device: str) -> int:
+    """EMBED_BATCH: a positive number as given; 0 (auto) is 8 on a GPU and 1 on a CPU, where the
+    encoder is compute-bound and a batch only makes the first image wait for the others."""
+    if setting > 0:
+        return setting
+    return 8 if device.startswith("cuda") else 1

@@ -82,3 +82,46 @@ def test_click_and_embedding_locking(independent):
         slow.result(5)
     assert finished_during_embedding is independent
     assert time.monotonic() - started < 5
+
+
+class _BatchingEngine:
+    """Records the size of every encoder call; embeddings are the images' first channel."""
+
+    name = "batching"
+    independent_embed = True
+    device = "cpu"
+
+    def __init__(self):
+        self.batch_sizes: list[int] = []
+
+    def embed(self, image):
+        return self.embed_batch([image])[0]
+
+    def embed_batch(self, images):
+        time.sleep(0.05)
+        self.batch_sizes.append(len(images))
+        return [image[..., 0].copy() for image in images]
+
+    def predict(self, embedding, box=None, points=None, point_labels=None):
+        return embedding > 0, 1.0
+
+
+def test_a_prewarm_burst_is_embedded_in_batches_of_embed_batch():
+    engine = _BatchingEngine()
+    context = BackendContext(
+        settings=Settings(embedding_cache_mb=1, embed_batch=4, embed_batch_wait_ms=200),
+        images=_Images(), metrics=Metrics(), background=concurrent.futures.ThreadPoolExecutor(8),
+    )
+    store = EmbeddingStore(engine, context)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(lambda n: store.get(str(n), n, interactive=False), range(1, 9)))
+    assert [int(record.embedding[0, 0]) for record in records] == list(range(1, 9))
+    assert sum(engine.batch_sizes) == 8 and max(engine.batch_sizes) == 4 and len(engine.batch_sizes) <= 4
+
+
+def test_embed_batch_auto_is_one_on_cpu_and_eight_on_a_gpu():
+    from sam.embeddings import embed_batch_size
+
+    assert embed_batch_size(0, "cpu") == 1
+    assert embed_batch_size(0, "cuda:0") == 8
+    assert embed_batch_size(3, "cpu") == 3

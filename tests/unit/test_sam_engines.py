@@ -229,3 +229,26 @@ def test_load_engine_choices(tmp_path, tiny_checkpoint, caplog):
         load_engine(Settings(sam_engine="no_such_module:Engine"))
     with pytest.raises(ValueError, match="expected auto"):
         load_engine(Settings(sam_engine="magic"))
+
+
+def test_sam_refinement_feeds_the_previous_logits_back_as_mask_input(tiny_engine):
+    """An added click decodes with the earlier mask's logits, exactly as SamPredictor does."""
+    from sam.engines.segment_anything_loader import load_segment_anything
+
+    image, _ = disk_image(height=90, width=130)
+    embedding = tiny_engine.embed(image)
+    first = tiny_engine.predict_with_logits(embedding, box=[40, 30, 100, 80])
+    assert first.logits.shape == (256, 256) and first.logits.dtype == np.float32
+    points, labels = [[70, 55], [45, 35]], [1, 0]
+    refined = tiny_engine.predict_with_logits(embedding, [40, 30, 100, 80], points, labels, mask_input=first.logits)
+    fresh = tiny_engine.predict_with_logits(embedding, [40, 30, 100, 80], points, labels)
+    assert not np.array_equal(refined.logits, fresh.logits)  # the previous mask reached the decoder
+
+    predictor = load_segment_anything().SamPredictor(tiny_engine.model)
+    predictor.features, predictor.is_image_set = embedding.features, True
+    predictor.original_size, predictor.input_size = embedding.original_size, embedding.input_size
+    masks, scores, _ = predictor.predict(
+        point_coords=np.array(points, np.float32), point_labels=np.array(labels), box=np.array([40, 30, 100, 80], np.float32),
+        mask_input=first.logits[None], multimask_output=False,
+    )
+    assert np.array_equal(refined.mask, masks[0]) and refined.score == float(scores[0])
