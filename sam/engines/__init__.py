@@ -15,6 +15,14 @@ Optional: `embedding_nbytes(embedding) -> int` (sizes the byte-capped embedding 
 sums the numpy / torch buffers found in the embedding), `device` (a string for /health), and
 `independent_embed = True` when `embed` and `predict` share no state, so a click may be decoded
 while another image is being embedded (otherwise every engine call is serialised by one lock).
+
+Optional, offered by `sam2` and `sam3` (sam.engines.hf_sam2 / hf_sam3):
+- `supports_mask_input = True`: `predict(..., mask_input=logits)` and
+  `predict_with_logits(embedding, box, points, point_labels, mask_input=None) -> MaskPrediction`
+  (mask, score, logits: the hxw float32 low-resolution logits to pass back as `mask_input` when the
+  annotator adds a click to the same region, so the decoder refines that mask);
+- `supports_text = True` (sam3 with its concept detector): `segment_text(embedding, text,
+  score_threshold=0.5, max_instances=100) -> [TextInstance(mask, score), ...]`, one per instance.
 """
 from __future__ import annotations
 
@@ -56,15 +64,23 @@ def engine_device(engine: Any) -> str:
 
 
 def load_engine(settings: Settings) -> Any:
-    """The engine named by SAM_ENGINE: `auto` | `sam` | `classic` | `package.module:ClassName`.
+    """The engine named by SAM_ENGINE: `auto` | `sam` | `sam2` | `sam3` | `classic` | `package.module:ClassName`.
 
-    `auto` uses `sam` when SAM_CHECKPOINT names an existing file, otherwise `classic` with a loud
-    warning (masks from classical image processing are far below SAM's).
+    `auto` picks by SAM_CHECKPOINT: an existing file is a segment-anything checkpoint (`sam`); a
+    directory's config.json model_type (sam2 -> `sam2`; sam3_video / sam3_tracker -> `sam3`) or a
+    Hugging Face id (facebook/sam2.1-hiera-small -> `sam2`, facebook/sam3 -> `sam3`) picks a
+    transformers engine; anything else gives `classic` with a loud warning (masks from classical
+    image processing are far below SAM's).
     """
+    from sam.engines.hf_common import checkpoint_family
+
     choice = (settings.sam_engine or "auto").strip()
     if choice == "auto":
+        family = checkpoint_family(settings.sam_checkpoint)
         if settings.sam_checkpoint and Path(settings.sam_checkpoint).is_file():
             choice = "sam"
+        elif family is not None:
+            choice = family
         else:
             log.warning(
                 "!!! SAM_CHECKPOINT %r not found: using the weight-free `classic` engine (GrabCut); "
@@ -77,13 +93,21 @@ def load_engine(settings: Settings) -> Any:
         from sam.engines.segment_anything_engine import SamEngine
 
         return SamEngine.from_settings(settings)
+    if choice == "sam2":
+        from sam.engines.hf_sam2 import Sam2Engine
+
+        return Sam2Engine.from_settings(settings)
+    if choice == "sam3":
+        from sam.engines.hf_sam3 import Sam3Engine
+
+        return Sam3Engine.from_settings(settings)
     if choice == "classic":
         from sam.engines.classic import ClassicEngine
 
         return ClassicEngine.from_settings(settings)
     if ":" in choice:
         return _custom_engine(choice)
-    raise ValueError(f"SAM_ENGINE={choice!r}: expected auto, sam, classic or package.module:ClassName")
+    raise ValueError(f"SAM_ENGINE={choice!r}: expected auto, sam, sam2, sam3, classic or package.module:ClassName")
 
 
 def _custom_engine(spec: str) -> Any:
