@@ -14,7 +14,7 @@ from label_studio_sdk.converter import brush
 from PIL import Image
 from scipy import ndimage
 
-from backends import rle
+from backends.masks import rle
 from bench.common import emit, machine, median_ms
 
 SIZE = 1024

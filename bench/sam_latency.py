@@ -36,7 +36,7 @@ import requests
 import torch
 from PIL import Image
 
-from backends.server import create_app
+from backends.server.app import create_app
 from backends.settings import Settings
 from bench.common import emit, machine
 from sam.engines.segment_anything_engine import SamEngine, build_model, resolve_device, save_random_checkpoint

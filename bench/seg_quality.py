@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 
 from segmentation.data import Sample, read_image
-from segmentation.inference import segment_images
-from segmentation.training import TrainConfig, class_scores, fit
+from segmentation.tiled_inference import segment_images
+from segmentation.trainer import TrainConfig, class_scores, fit
 from segmentation.network import build_network
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -31,12 +31,12 @@ import torch
 import uvicorn
 from PIL import Image
 
-from backends.server import create_app
+from backends.server.app import create_app
 from backends.settings import Settings
 from segmentation.data import Sample, read_image
-from segmentation.inference import segment_images
+from segmentation.tiled_inference import segment_images
 from segmentation.model import SegmentationBackend
-from segmentation.training import TrainConfig, train
+from segmentation.trainer import TrainConfig, train
 from segmentation.versions import load_current
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.cache import ByteLRU
-from backends.model_base import BackendContext
-from backends.pixel_budget import holding_image
+from sam.embedding_cache import ByteLRU
+from backends.server.model_base import BackendContext
+from backends.images.pixel_budget import holding_image
 from sam.embed_batcher import EmbedBatcher
 from sam.engines import embedding_nbytes
 

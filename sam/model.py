@@ -24,11 +24,11 @@ import threading
 from typing import Any, ClassVar
 
 from backends.errors import BackendError, BadRequest, TooManyRequests
-from backends.label_config import BRUSH_TYPES, POLYGON_TYPES, ControlTag, LabelConfig
-from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
-from backends.protocol import image_uri_of
-from backends.regions import brush_region, polygon_regions
-from backends.work_queue import QueueFull
+from backends.label_studio.label_config import BRUSH_TYPES, POLYGON_TYPES, ControlTag, LabelConfig
+from backends.server.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.server.protocol import image_uri_of
+from backends.label_studio.regions import brush_region, polygon_regions
+from backends.server.work_queue import QueueFull
 from sam.embeddings import EmbeddingStore
 from sam.engines import load_engine
 from sam.prompts import check_prompt_count, context_regions, prompts_from_context

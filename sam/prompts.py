@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
-from backends.coords import percent_box_to_pixels, percent_point_to_pixels
+from backends.masks.coords import percent_box_to_pixels, percent_point_to_pixels
 from backends.errors import BadRequest
 
 RECTANGLE = "rectanglelabels"

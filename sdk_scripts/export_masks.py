@@ -23,7 +23,7 @@ and `sdk_scripts.mask_dataset.MaskDataset(OUT)` loads it in PyTorch.
 
 Per task, the newest annotation that was not cancelled (skipped) is used. Brush RLE is decoded and
 polygons are rasterised (even-odd fill, non-convex shapes and holes are exact) by
-``backends.regions.results_to_class_mask``. Where regions overlap, ``--overlap`` decides:
+``backends.label_studio.regions.results_to_class_mask``. Where regions overlap, ``--overlap`` decides:
 ``later`` (default; the region later in the annotation, i.e. drawn last, wins), ``earlier`` (the
 first one wins) or ``smaller`` (the smaller region wins, so a nucleus drawn over its cell survives).
 
@@ -108,7 +108,7 @@ class ExportSummary:
 def label_map_from_config(label_config: str) -> dict[str, int]:
     """{label: class index} from the brush and polygon tags, 1-based in document order."""
     from backends.errors import BackendError
-    from backends.label_config import parse_label_config
+    from backends.label_studio.label_config import parse_label_config
 
     try:
         labels = parse_label_config(label_config).output_labels()
@@ -123,7 +123,7 @@ def label_map_from_config(label_config: str) -> dict[str, int]:
 
 def image_data_key(label_config: str) -> str:
     """The task data key of the config's first Image tag (``$image`` -> "image")."""
-    from backends.label_config import parse_label_config
+    from backends.label_studio.label_config import parse_label_config
 
     images = parse_label_config(label_config).images
     return next(iter(images.values()), "image")
@@ -353,8 +353,8 @@ def export_task(item: TaskExport, label_map: Mapping[str, int], out: Path, overl
 
     max_polygon_vertices: POLYGON_MAX_VERTICES (None: the backends' default).
     """
-    from backends.polygons import DEFAULT_MAX_VERTICES
-    from backends.regions import results_to_class_mask
+    from backends.masks.polygons import DEFAULT_MAX_VERTICES
+    from backends.label_studio.regions import results_to_class_mask
 
     results = item.annotation.get("result") or []
     if with_images:
@@ -377,7 +377,7 @@ def export_task(item: TaskExport, label_map: Mapping[str, int], out: Path, overl
 
 def image_fetcher(settings: CliSettings, base_url: str, gcs_direct: bool):
     """The backends' ImageFetcher, pointed at Label Studio with the script's API key, no disk cache."""
-    from backends.images import ImageFetcher
+    from backends.images.fetcher import ImageFetcher
     from backends.settings import Settings
 
     return ImageFetcher(Settings(

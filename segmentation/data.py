@@ -341,13 +341,13 @@ def samples_from_tasks(
     image_key: the task data key of the Image tag; output_names: the `from_name`s of its brush /
     polygon tags; label_map: label -> class index (1-based). `load_pixels(uri, task_id)` returns
     HxWx3 uint8. Uses the newest non-cancelled annotation per task; brush RLE is decoded and
-    polygons rasterised by backends.regions (overlaps: the later region wins). Tasks that cannot
+    polygons rasterised by backends.label_studio.regions (overlaps: the later region wins). Tasks that cannot
     be used (no annotation, unfetchable image, no usable region) are skipped: returns
     (samples, problems), one readable line per skipped task or region. With a `store`, each
     sample is written to disk as soon as it is made (StoredSample): one image in memory at a time.
     """
     from backends.errors import BackendError
-    from backends.regions import results_to_class_mask
+    from backends.label_studio.regions import results_to_class_mask
 
     samples: list[AnySample] = []
     problems: list[str] = []

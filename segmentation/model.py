@@ -33,15 +33,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 from backends.errors import BackendError, LabelStudioUnavailable, TooManyRequests
-from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
-from backends.pixel_budget import holding_image
-from backends.protocol import image_uri_of
-from backends.regions import brush_region, polygon_regions
-from backends.work_queue import KeyedQueue, QueueFull
+from backends.server.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.images.pixel_budget import holding_image
+from backends.server.protocol import image_uri_of
+from backends.label_studio.regions import brush_region, polygon_regions
+from backends.server.work_queue import KeyedQueue, QueueFull
 from segmentation.data import SampleStore, samples_from_tasks
-from segmentation.inference import segment_images
+from segmentation.tiled_inference import segment_images
 from segmentation.network import resolve_device
-from segmentation.training import Progress, TrainConfig, train
+from segmentation.trainer import Progress, TrainConfig, train
 from segmentation.versions import (
     LOAD_ERRORS,
     METRICS_FILE,

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segmentation.data import image_files, read_image
-from segmentation.inference import segment_images
+from segmentation.tiled_inference import segment_images
 from segmentation.network import resolve_device
 from segmentation.versions import METRICS_FILE, LoadedModel, load_current, load_version
 

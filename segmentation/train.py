@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from segmentation.data import load_pair, pair_files, read_mask
-from segmentation.training import Progress, TrainConfig, train
+from segmentation.trainer import Progress, TrainConfig, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,7 +33,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from backends.cache import nbytes
+from sam.embedding_cache import nbytes
 from backends.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import pytest
 import requests
 from PIL import Image
 
-from backends.rle import decode_rle
+from backends.masks.rle import decode_rle
 from sdk_scripts import import_gcs, setup_project
 from tests.e2e.dsb2018 import SIDE, instance_labels, pick_images, true_mask
 

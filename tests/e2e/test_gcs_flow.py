@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.rle import encode_rle
+from backends.masks.rle import encode_rle
 from sdk_scripts import export_masks, import_gcs, setup_project
 from sdk_scripts.mask_dataset import MaskDataset
 

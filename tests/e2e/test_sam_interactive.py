@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.rle import decode_rle
+from backends.masks.rle import decode_rle
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from backends.rle import decode_rle, encode_rle
+from backends.masks.rle import decode_rle, encode_rle
 from tests.e2e.dsb2018 import SIDE, pick_images, true_mask
 
 pytestmark = pytest.mark.e2e

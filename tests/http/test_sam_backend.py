@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backends.rle import decode_rle
-from backends.server import create_app
+from backends.masks.rle import decode_rle
+from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
 from tests import ls_payloads as payloads

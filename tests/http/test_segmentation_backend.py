@@ -17,8 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backends.rle import decode_rle, encode_rle
-from backends.server import create_app
+from backends.masks.rle import decode_rle, encode_rle
+from backends.server.app import create_app
 from backends.settings import Settings
 from segmentation.model import SegmentationBackend
 from tests.unit.fake_http import LoopbackServer, Reply
@@ -268,7 +268,7 @@ def test_restart_serves_the_saved_version(label_studio, tmp_path, one_thread):
 
 def test_seg_checkpoint_serves_an_offline_model_and_drops_labels_the_config_lacks(label_studio, tmp_path, one_thread):
     from segmentation.data import Sample
-    from segmentation.training import TrainConfig, train
+    from segmentation.trainer import TrainConfig, train
 
     samples = []
     for task_id in (1, 2, 3):

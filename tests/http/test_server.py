@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from backends.cli import build_parser
-from backends.model_base import LabelStudioMLBase
-from backends.server import create_app
+from backends.server.cli import build_parser
+from backends.server.model_base import LabelStudioMLBase
+from backends.server.app import create_app
 from backends.settings import Settings
 from tests.conftest import REPO_ROOT
 from tests.http.toy_model import LABEL_CONFIG, TEXT_ONLY_CONFIG, FakeImageFetcher, make_toy_model
@@ -417,7 +417,7 @@ def test_a_failing_fit_is_logged_and_counted_and_the_server_keeps_serving(client
     before = metric_value(
         client.get("/metrics").text, "errors_total", endpoint="/webhook", kind="RuntimeError"
     )
-    with caplog.at_level(logging.ERROR, logger="backends.server"):
+    with caplog.at_level(logging.ERROR, logger="backends.server.app"):
         response = client.post("/webhook", json={"action": "ANNOTATION_DELETED", "project": ls_project()})
         assert response.status_code == 200
         deadline = time.monotonic() + 5
@@ -644,7 +644,7 @@ def test_cli_serves_the_model_with_settings_from_the_environment(tmp_path):
         "LABEL_STUDIO_URL": "",
     }
     code = (
-        "from backends.cli import main; from tests.http.toy_model import make_toy_model; "
+        "from backends.server.cli import main; from tests.http.toy_model import make_toy_model; "
         f"main(make_toy_model(), ['--host', '127.0.0.1', '--port', '{port}'])"
     )
     log_path = tmp_path / "server.log"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from backends.errors import ImageUnavailable
-from backends.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.server.model_base import BackendContext, LabelStudioMLBase, ModelResponse
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -35,7 +35,7 @@ TEXT_ONLY_CONFIG = """<View>
 
 
 class FakeImageFetcher:
-    """Stands in for backends.images.ImageFetcher: records configure(), answers the probe."""
+    """Stands in for backends.images.fetcher.ImageFetcher: records configure(), answers the probe."""
 
     def __init__(self, label_studio_url: str = "", reachable: bool = True, probe_seconds: float = 0.0):
         self.label_studio_url = label_studio_url

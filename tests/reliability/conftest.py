@@ -13,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from backends.server import create_app
+from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
 from segmentation.model import SegmentationBackend

@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 
 import backends
-import backends.images
+import backends.images.fetcher
 from backends.errors import ImageUnavailable
-from backends.image_decode import decode_image
-from backends.rle import decode_rle, encode_rle
+from backends.images.decode import decode_image
+from backends.masks.rle import decode_rle, encode_rle
 from backends.settings import Settings
 from tests import ls_payloads as payloads
 from tests.reliability.checks import check_healthy, describe
@@ -159,7 +159,7 @@ def test_scans_hidden_behind_junk_bytes_are_counted_too():
 
 DECODE_SCRIPT = """
 import json, sys, time
-from backends.image_decode import decode_image
+from backends.images.decode import decode_image
 data = open(sys.argv[1], "rb").read()
 before = peak_mb()
 started = time.perf_counter()
@@ -215,7 +215,7 @@ HOLDING_ENGINE = f"{THIS_MODULE}:HoldingEngine"
 
 
 class LiveDecodes:
-    """Counts the pixels of decoded images still alive (wraps backends.images.decode_image)."""
+    """Counts the pixels of decoded images still alive (wraps backends.images.fetcher.decode_image)."""
 
     def __init__(self, decode):
         self._decode = decode
@@ -261,8 +261,8 @@ def post_concurrently(client, urls: list[str]) -> list:
 def test_decoded_pixels_held_at_once_stay_within_the_decode_budget(tmp_path, monkeypatch):
     """8 annotators open 8 different 1 MP images while the engine is busy: at most the budget's
     worth of decoded images waits for it (it was all 8: memory grew with the number of requests)."""
-    live = LiveDecodes(backends.images.decode_image)
-    monkeypatch.setattr(backends.images, "decode_image", live)
+    live = LiveDecodes(backends.images.fetcher.decode_image)
+    monkeypatch.setattr(backends.images.fetcher, "decode_image", live)
     with ImageHost(megapixel_pngs(8)) as host:
         settings = settings_for(tmp_path, {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "2", "DECODE_WAIT_TIMEOUT": "30"},
                                 sam_engine=HOLDING_ENGINE, image_allowed_hosts=(host.netloc,))
@@ -300,7 +300,7 @@ SEGMENT_SCRIPT = """
 import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
-from segmentation.inference import segment_images
+from segmentation.tiled_inference import segment_images
 side = int(sys.argv[1])
 torch.manual_seed(0)
 # Any network mapping Bx3xHxW to BxCxHxW will do; a tiny one keeps the figure about the image.
@@ -327,7 +327,7 @@ def test_segmenting_a_9_megapixel_image_holds_a_band_of_logits_not_the_whole_ima
 def speckled_segmentation(height: int, width: int):
     """A Segmentation whose "Nucleus" mask is noise (hundreds of thousands of runs) and whose
     "Cell" mask is one solid block."""
-    from segmentation.inference import Segmentation
+    from segmentation.tiled_inference import Segmentation
 
     mask = (np.random.default_rng(0).random((height, width)) < 0.5).astype(np.uint8)
     mask[: height // 4, : width // 4] = 2
@@ -440,7 +440,7 @@ def test_stored_training_samples_give_exactly_the_crops_and_scores_of_samples_in
     from segmentation.augment import build_augmentation
     from segmentation.data import CropDataset, Sample, SampleStore
     from segmentation.network import NetworkConfig, build_network
-    from segmentation.training import evaluate
+    from segmentation.trainer import evaluate
 
     rng = np.random.default_rng(0)
     samples = []
@@ -468,7 +468,7 @@ def test_tiled_inference_places_and_weights_windows_exactly_as_monai_does():
     need not import monai); they must stay equal, or predictions would drift from the old ones."""
     from monai.data.utils import compute_importance_map, dense_patch_slices
 
-    from segmentation.inference import gaussian_importance, window_starts
+    from segmentation.tiled_inference import gaussian_importance, window_starts
 
     for size in [(1000, 900), (512, 512), (513, 4000), (96, 128), (3000, 777), (17, 33)]:
         roi = (min(512, -(-size[0] // 16) * 16), min(512, -(-size[1] // 16) * 16))

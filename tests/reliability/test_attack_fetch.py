@@ -25,11 +25,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backends.errors import ForbiddenImageSource, ImageUnavailable
-from backends import image_sources
-from backends.images import ImageFetcher
-from backends.ls_auth import LabelStudioAuth
-from backends.model_base import LabelStudioMLBase, ModelResponse
-from backends.server import create_app
+from backends.images import sources as image_sources
+from backends.images.fetcher import ImageFetcher
+from backends.label_studio.auth import LabelStudioAuth
+from backends.server.model_base import LabelStudioMLBase, ModelResponse
+from backends.server.app import create_app
 from backends.settings import Settings
 from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, describe
@@ -444,7 +444,7 @@ def test_a_password_in_label_studio_url_never_reaches_an_answer(ls, tmp_path):
 
 
 def test_every_error_answer_is_redacted_like_a_log_line():
-    from backends.http_guard import error_response
+    from backends.server.guard import error_response
 
     token = "0123456789abcdef0123456789abcdef01234567"
     answer = error_response(400, f"bad: Authorization: Token {token} at http://u:secret-pw@h/x",

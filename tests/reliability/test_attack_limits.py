@@ -28,7 +28,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import tests.ls_payloads as payloads
-from backends.server import create_app
+from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
 from segmentation.model import SegmentationBackend
@@ -421,7 +421,7 @@ def test_a_deeply_nested_label_config_is_refused_while_parsing(segmentation_clie
 
 
 def test_label_config_parsing_is_linear_in_the_config_size():
-    from backends.label_config import parse_label_config
+    from backends.label_studio.label_config import parse_label_config
 
     config = nested_config(12_000)  # 620 KiB nested 12,000 deep: 11 s before
     started = time.perf_counter()
@@ -431,7 +431,7 @@ def test_label_config_parsing_is_linear_in_the_config_size():
 
 
 def test_many_tools_inheriting_many_labels_are_refused_quickly():
-    from backends.label_config import LabelConfigError, parse_label_config
+    from backends.label_studio.label_config import LabelConfigError, parse_label_config
 
     tools = "".join(f'<Brush name="t{i}" toName="a,x{i}"/>' for i in range(3000))
     shared = "".join(f'<Labels name="l{j}" toName="a"><Label value="v{j}"/></Labels>' for j in range(2400))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.rle import encode_rle
+from backends.masks.rle import encode_rle
 from tests import ls_payloads as payloads
 from tests.reliability.conftest import base_settings, segmentation_client
 from tests.reliability.servers import ImageHost
@@ -51,7 +51,7 @@ CHILD_PROGRAM = '''
 import json, resource, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_DATA, (@LIMIT@, @LIMIT@))
 import numpy as np
-from backends.regions import results_to_class_mask
+from backends.label_studio.regions import results_to_class_mask
 @HELPERS@
 tracemalloc.start()
 started = time.process_time()
@@ -143,7 +143,7 @@ def test_a_polygon_crossing_too_many_rows_in_all_is_refused_before_any_work():
 
 
 def test_the_banded_rasteriser_equals_the_old_one_on_zigzags_and_random_self_intersecting_polygons(monkeypatch):
-    import backends.polygons as polygons
+    import backends.masks.polygons as polygons
 
     monkeypatch.setattr(polygons, "_BAND_ELEMENTS", 97)  # many small bands, even on small images
     rng = np.random.default_rng(8)
@@ -180,7 +180,7 @@ def test_polygon_vertex_limit_comes_from_the_environment():
 
     assert Settings.from_env({}).polygon_max_vertices == 10_000
     assert Settings.from_env({"POLYGON_MAX_VERTICES": "50000"}).polygon_max_vertices == 50_000
-    from backends.regions import results_to_class_mask
+    from backends.label_studio.regions import results_to_class_mask
 
     region = {"type": "polygonlabels", "value": {"points": zigzag_percent(40, 20, 20), "polygonlabels": ["Cell"]}}
     _, warnings = results_to_class_mask([region], {"Cell": 1}, 20, 20, max_polygon_vertices=39)
@@ -205,7 +205,7 @@ class FakeFetcher:
 
     def load(self, uri: str, task_id=None):
         from backends.errors import ImageUnavailable
-        from backends.images import LoadedImage
+        from backends.images.fetcher import LoadedImage
 
         if uri not in self.images:
             raise ImageUnavailable(f"image {uri} was not found")

@@ -108,7 +108,7 @@ def cells(seed: int, size: tuple[int, int] = (96, 96)) -> tuple[np.ndarray, np.n
 
 
 def brush_annotation(annotation_id: int, mask: np.ndarray) -> dict:
-    from backends.rle import encode_rle
+    from backends.masks.rle import encode_rle
 
     height, width = mask.shape
     region = {"id": f"r{annotation_id}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
@@ -269,7 +269,7 @@ def random_click(rng: random.Random, image: TaskImage) -> Prompt:
 
 def check_own_mask(click: Click) -> str | None:
     """None when the answer is exactly the deterministic engine's mask and score for this image and prompt."""
-    from backends.rle import decode_rle
+    from backends.masks.rle import decode_rle
 
     image, prompt = click.image, click.prompt
     results = click.answer.get("results") or []

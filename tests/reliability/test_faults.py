@@ -46,7 +46,7 @@ pytestmark = pytest.mark.e2e  # every test here starts real processes on loopbac
 
 FAIL_FAST_S = 3.0
 FETCH_RETRIES = 2  # IMAGE_FETCH_RETRIES: 3 attempts in all
-FIRST_BACKOFF_S = 0.25  # backends.images.ImageFetcher.backoff_s
+FIRST_BACKOFF_S = 0.25  # backends.images.fetcher.ImageFetcher.backoff_s
 
 
 def kill_9(backend) -> None:

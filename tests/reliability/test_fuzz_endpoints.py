@@ -22,7 +22,7 @@ import requests
 import schemathesis
 from hypothesis import given
 
-from backends.rle import decode_rle
+from backends.masks.rle import decode_rle
 from tests import ls_payloads as payloads
 from tests.reliability import strategies
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.image_cache import cache_file_name
-from backends.images import ImageFetcher
-from backends.rle import decode_rle
+from backends.images.disk_cache import cache_file_name
+from backends.images.fetcher import ImageFetcher
+from backends.masks.rle import decode_rle
 from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, check_healthy, describe
 from tests.reliability.conftest import RED_ENGINE, base_settings, sam_client, segmentation_client

@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.logs import RedactingFilter
-from backends.rle import encode_rle
+from backends.masks.rle import encode_rle
 from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings
 from tests.reliability.conftest import BOX_ENGINE, base_settings, sam_client, segmentation_client
@@ -272,7 +272,7 @@ def test_label_studio_token_goes_to_label_studio_only(guarded):
 def test_direct_gcs_read_fails_within_the_fetch_timeout(monkeypatch, tmp_path):
     import threading
 
-    from backends.images import ImageFetcher
+    from backends.images.fetcher import ImageFetcher
     from backends.settings import Settings
 
     key_file = tmp_path / "key.json"

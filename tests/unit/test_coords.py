@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.coords import (
+from backends.masks.coords import (
     percent_box_to_pixels,
     percent_point_to_pixels,
     percent_to_pixels,

@@ -7,7 +7,7 @@ import random
 import threading
 from pathlib import Path
 
-from backends.image_cache import ImageCache
+from backends.images.disk_cache import ImageCache
 
 
 def disk_bytes(directory: Path) -> int:

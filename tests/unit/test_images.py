@@ -15,8 +15,8 @@ from backends.errors import (
     ImageUnavailable,
     LabelStudioUnavailable,
 )
-from backends.image_decode import decode_image
-from backends.images import ImageFetcher, LoadedImage
+from backends.images.decode import decode_image
+from backends.images.fetcher import ImageFetcher, LoadedImage
 from backends.settings import Settings
 from tests.unit import hostile_images as hi
 from tests.unit.fake_http import FakeLabelStudio, LoopbackServer, Reply, SilentSocket, closed_port_url
@@ -462,7 +462,7 @@ def test_malformed_arguments_are_bad_requests(uri, task_id, tmp_path):
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:notaport/a.png", "http://[::1/a.png", "https://user:pw@host:99999/a.png"])
 def test_malformed_urls_are_bad_requests_not_crashes(tmp_path, uri):
-    from backends.image_sources import display_uri
+    from backends.images.sources import display_uri
 
     assert "pw" not in display_uri(uri)
     fetcher = make_fetcher(tmp_path, image_allowed_hosts=("127.0.0.1",))

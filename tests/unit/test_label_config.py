@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from backends.errors import BadRequest
-from backends.label_config import (
+from backends.label_studio.label_config import (
     ControlTag,
     LabelConfigError,
     parse_label_config,

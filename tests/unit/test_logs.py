@@ -105,7 +105,7 @@ def test_long_messages_are_truncated(captured):
     stream, _ = captured
     configure_logging("INFO")
     rle = ",".join(str(i % 250) for i in range(20000))
-    logging.getLogger("backends.rle").info("result %s", rle)
+    logging.getLogger("backends.masks.rle").info("result %s", rle)
     line = stream.getvalue().strip()
     assert len(line) < MAX_MESSAGE_CHARS + 100
     assert "truncated" in line

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from backends.errors import ImageUnavailable, LabelStudioUnavailable
-from backends.ls_auth import LabelStudioAuth
+from backends.label_studio.auth import LabelStudioAuth
 from tests.unit.fake_http import FakeLabelStudio, closed_port_url, make_jwt
 
 

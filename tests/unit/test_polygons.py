@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 from skimage.draw import polygon as skimage_polygon
 
 from backends.errors import BadRequest
-from backends.polygons import mask_to_polygons, polygon_area, polygons_to_mask
+from backends.masks.polygons import mask_to_polygons, polygon_area, polygons_to_mask
 
 
 def skimage_mask(xy: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -6,9 +6,9 @@ import pytest
 from label_studio_sdk.converter import brush
 
 from backends.errors import BadRequest
-from backends.label_config import ControlTag
-from backends.regions import brush_region, polygon_regions, results_to_class_mask
-from backends.rle import decode_rle, encode_rle
+from backends.label_studio.label_config import ControlTag
+from backends.label_studio.regions import brush_region, polygon_regions, results_to_class_mask
+from backends.masks.rle import decode_rle, encode_rle
 
 TAG = ControlTag("tag", "BrushLabels", "image", ("Cell", "Debris"), False)
 POLY_TAG = ControlTag("poly", "PolygonLabels", "image", ("Cell",), False)

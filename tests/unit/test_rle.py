@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 from label_studio_sdk.converter import brush
 
 from backends.errors import BadRequest
-from backends.rle import decode_rle, decode_rle_values, encode_rle, encode_rle_bytes
+from backends.masks.rle import decode_rle, decode_rle_values, encode_rle, encode_rle_bytes
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from backends.metrics import Metrics
-from backends.model_base import BackendContext
+from backends.server.model_base import BackendContext
 from backends.settings import Settings
 from sam.embeddings import EmbeddingStore
 

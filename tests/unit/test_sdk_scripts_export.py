@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from backends.errors import ImageUnavailable
-from backends.images import LoadedImage
-from backends.rle import encode_rle
+from backends.images.fetcher import LoadedImage
+from backends.masks.rle import encode_rle
 from sdk_scripts.common import DEFAULT_LABEL_CONFIG, UserError
 from sdk_scripts.export_masks import (
     export_project,
@@ -29,7 +29,7 @@ H, W = 24, 32
 
 
 class FakeFetcher:
-    """Stands in for backends.images.ImageFetcher: images by URI, failures for unknown ones."""
+    """Stands in for backends.images.fetcher.ImageFetcher: images by URI, failures for unknown ones."""
 
     def __init__(self, images: dict[str, np.ndarray]):
         self.images = images
@@ -66,7 +66,7 @@ def test_label_map_and_data_key_come_from_the_default_config():
 
 
 def test_default_config_has_every_tool_with_the_same_labels_and_metadata_headers():
-    from backends.label_config import parse_label_config
+    from backends.label_studio.label_config import parse_label_config
 
     config = parse_label_config(CONFIG)
     by_type = {tag.type: tag for tag in config.controls}

@@ -120,7 +120,7 @@ def test_pairing_reports_missing_and_bad_pairs(tmp_path):
 
 def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
     from backends.errors import ImageUnavailable
-    from backends.rle import encode_rle
+    from backends.masks.rle import encode_rle
 
     from segmentation.data import newest_annotation, samples_from_tasks
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation.inference import overall_score, segment_images, segmentation_from_probabilities
+from segmentation.tiled_inference import overall_score, segment_images, segmentation_from_probabilities
 from segmentation.network import NetworkConfig, build_network
 
 

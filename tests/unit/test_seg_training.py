@@ -7,7 +7,7 @@ import torch
 
 from segmentation.data import Sample
 from segmentation.network import NetworkConfig, build_network
-from segmentation.training import TrainConfig, class_scores, evaluate, train
+from segmentation.trainer import TrainConfig, class_scores, evaluate, train
 from segmentation.versions import list_versions, load_current
 
 
@@ -74,7 +74,7 @@ def test_short_training_beats_untrained_and_saves_a_version(tmp_path, one_thread
 def test_training_respects_the_time_budget(one_thread):
     rng = np.random.default_rng(2)
     samples = [disks_sample(f"s{i}", rng) for i in range(2)]
-    from segmentation.training import fit
+    from segmentation.trainer import fit
 
     config = TrainConfig(minutes=1 / 60, device="cpu", crop_size=64, batch_size=2, steps_per_epoch=1000)
     trained = fit(samples, ["red", "green"], config)
@@ -86,7 +86,7 @@ def test_training_respects_the_time_budget(one_thread):
 
 @pytest.mark.parametrize("minutes", [0, -1.0])
 def test_a_training_budget_that_is_not_positive_is_refused_clearly(minutes):
-    from segmentation.training import fit
+    from segmentation.trainer import fit
 
     samples = [disks_sample("s0", np.random.default_rng(0))]
     with pytest.raises(ValueError, match="TRAIN_MINUTES"):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pydantic
 
 from backends.errors import BadRequest
-from backends.model_base import ModelResponse
+from backends.server.model_base import ModelResponse
 
 # -- request bodies (extra fields allowed: Label Studio adds fields between versions) ---------
 

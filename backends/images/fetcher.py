@@ -22,7 +22,7 @@ a later /setup naming another origin is refused, counted and shown in /health).
 
 Each fetch runs under a total deadline (IMAGE_FETCH_DEADLINE: connect, redirects, retries and every
 read together, enforced on the socket) and at most IMAGE_FETCH_PER_HOST fetches per host run at
-once (backends/fetch_guard.py), so a slow host cannot hold the worker threads.
+once (backends/images/fetch_guard.py), so a slow host cannot hold the worker threads.
 
 Fetched bytes are cached on disk under a stable identity (task id + URI without signature
 parameters), so a freshly signed URL for the same object still hits the cache; for Label Studio
@@ -53,10 +53,10 @@ from backends.errors import (
     ImageUnavailable,
     LabelStudioUnavailable,
 )
-from backends.fetch_guard import Deadline, GuardedAdapter, HostSlots, deadline_scope
-from backends.image_cache import ImageCache
-from backends.image_decode import allow_pixels, decode_image, header_pixels
-from backends.image_sources import (
+from backends.images.fetch_guard import Deadline, GuardedAdapter, HostSlots, deadline_scope
+from backends.images.disk_cache import ImageCache
+from backends.images.decode import allow_pixels, decode_image, header_pixels
+from backends.images.sources import (
     STORAGE_SCHEMES,
     FetchTarget,
     check_source,
@@ -67,8 +67,8 @@ from backends.image_sources import (
     stable_uri,
     userinfo_of,
 )
-from backends.ls_auth import LabelStudioAuth
-from backends.pixel_budget import PixelBudget
+from backends.label_studio.auth import LabelStudioAuth
+from backends.images.pixel_budget import PixelBudget
 from backends.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 
 from segmentation.augment import build_augmentation
 from segmentation.data import AnySample, CropDataset, split_samples
-from segmentation.inference import iter_segmentations
+from segmentation.tiled_inference import iter_segmentations
 from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network, resolve_device
 from segmentation.versions import VersionInfo, save_version
 

@@ -2,7 +2,7 @@
 
 Masks are HxW bool (or HxW uint8 class-index) arrays of the original image, height = rows =
 original_height, width = columns = original_width. Polygon points in regions are percent of
-original_width / original_height (see backends.coords).
+original_width / original_height (see backends.masks.coords).
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from backends.coords import check_image_size, percent_to_pixels, pixels_to_percent
+from backends.masks.coords import check_image_size, percent_to_pixels, pixels_to_percent
 from backends.errors import BackendError, BadRequest
-from backends.label_config import ControlTag
-from backends.polygons import DEFAULT_MAX_VERTICES, check_vertex_count, mask_to_polygons, polygon_to_crop
-from backends.rle import decode_rle, encode_rle
+from backends.label_studio.label_config import ControlTag
+from backends.masks.polygons import DEFAULT_MAX_VERTICES, check_vertex_count, mask_to_polygons, polygon_to_crop
+from backends.masks.rle import decode_rle, encode_rle
 
 OVERLAP_RULES = ("later", "earlier", "smaller")
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -63,7 +63,7 @@ def polygon_regions(
 ) -> list[dict]:
     """`polygonlabels` regions for an HxW bool mask: one per connected component, holes bridged.
 
-    Points are [x%, y%] of width / height (see backends.polygons for the outline geometry).
+    Points are [x%, y%] of width / height (see backends.masks.polygons for the outline geometry).
     """
     _check_mask(mask, width, height)
     regions = []

@@ -5,10 +5,10 @@
 with `params.context`), `POST /webhook` (1 s: answered at once, `fit` runs in the background),
 `GET /versions`, plus `GET /metrics` (Prometheus text).
 
-Around every request (backends/http_guard.py): metrics and one log line (never the body, which
+Around every request (backends/server/guard.py): metrics and one log line (never the body, which
 holds tokens and masks), optional basic auth, the body size cap, and error answers
 `{"error": "<what was wrong>"}`; the server keeps serving after any of them. The wire format
-(request and answer bodies) is in backends/protocol.py.
+(request and answer bodies) is in backends/server/protocol.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from backends.errors import BadRequest, TooManyRequests
-from backends.http_guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
+from backends.server.guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
 from backends.metrics import Metrics
-from backends.model_base import BackendContext, LabelStudioMLBase
-from backends.protocol import (
+from backends.server.model_base import BackendContext, LabelStudioMLBase
+from backends.server.protocol import (
     ERROR_RESPONSES,
     HealthResponse,
     PredictRequest,
@@ -43,7 +43,7 @@ from backends.protocol import (
     project_id_of,
 )
 from backends.settings import Settings
-from backends.work_queue import BoundedExecutor, QueueFull
+from backends.server.work_queue import BoundedExecutor, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,13 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app serving `model_class` over Label Studio's ML-backend protocol.
 
-    `images` defaults to `backends.images.ImageFetcher(settings)`; `metrics` to a fresh registry.
+    `images` defaults to `backends.images.fetcher.ImageFetcher(settings)`; `metrics` to a fresh registry.
     Calls `model_class.startup(context)` before returning. `app.state.context` and
     `app.state.instances` give tests and tools access to the machinery.
     """
     settings.validate()  # refuse half-configured basic auth and the like before serving anything
     if images is None:
-        from backends.images import ImageFetcher
+        from backends.images.fetcher import ImageFetcher
 
         images = ImageFetcher(settings)
     metrics = metrics if metrics is not None else Metrics()

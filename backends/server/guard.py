@@ -29,7 +29,7 @@ from backends.logs import redact
 from backends.metrics import Metrics
 from backends.settings import Settings
 
-log = logging.getLogger("backends.server")
+log = logging.getLogger("backends.server.app")
 
 ENDPOINTS = ("/", "/health", "/setup", "/predict", "/webhook", "/versions", "/metrics")
 # Requests that arrive every few seconds: logged at DEBUG only.

@@ -6,7 +6,7 @@ An upstream model ports by changing its imports: it overrides `setup()`, `predic
 `startup(context)`, run once per process to load what every project shares (engines, weights),
 and `health()` / `versions()`, whose results the server reports.
 
-Lifecycle (see backends/server.py): one instance per Label Studio project, created at `/setup`
+Lifecycle (see backends/server/app.py): one instance per Label Studio project, created at `/setup`
 (or at the first `/predict` or webhook for that project) and recreated when the project's label
 config changes; `setup()` runs once per instance, so it must be quick (Label Studio waits 3 s).
 At most MAX_PROJECTS projects are kept: the least recently used one that `project_busy` does not
@@ -26,8 +26,8 @@ import pydantic
 from backends.settings import Settings
 
 if TYPE_CHECKING:
-    from backends.images import ImageFetcher
-    from backends.label_config import LabelConfig
+    from backends.images.fetcher import ImageFetcher
+    from backends.label_studio.label_config import LabelConfig
     from backends.metrics import Metrics
 
 
@@ -91,7 +91,7 @@ class BackendContext:
     settings: Settings
     images: "ImageFetcher"
     metrics: "Metrics"
-    #: Bounded background work (backends.work_queue.BoundedExecutor in a server): `submit` raises
+    #: Bounded background work (backends.server.work_queue.BoundedExecutor in a server): `submit` raises
     #: QueueFull when BACKGROUND_QUEUE_MAX jobs already wait.
     background: concurrent.futures.Executor
     store: ProjectStore = field(default_factory=ProjectStore)
@@ -147,7 +147,7 @@ class LabelStudioMLBase:
         Runs when an instance is created for a config; the default requires a segmentation
         output tag (BrushLabels or PolygonLabels) on an Image.
         """
-        from backends.label_config import require_segmentation_output
+        from backends.label_studio.label_config import require_segmentation_output
 
         require_segmentation_output(self.parsed_label_config)
 
@@ -213,7 +213,7 @@ class LabelStudioMLBase:
         """The parsed `label_config` (raises LabelConfigError, a BadRequest, when unusable)."""
         if self._parsed_label_config is None:
             from backends.errors import BadRequest
-            from backends.label_config import parse_label_config
+            from backends.label_studio.label_config import parse_label_config
 
             if not self.label_config:
                 raise BadRequest("no label config: call /setup first or send label_config with /predict")

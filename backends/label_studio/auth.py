@@ -24,7 +24,7 @@ from typing import Callable
 import requests
 
 from backends.errors import ForbiddenImageSource, ImageUnavailable, LabelStudioUnavailable
-from backends.image_sources import display_origin, parse_fetch_url, userinfo_of
+from backends.images.sources import display_origin, parse_fetch_url, userinfo_of
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Mask <-> polygons, in xy pixel coordinates (see backends.coords for the convention).
+"""Mask <-> polygons, in xy pixel coordinates (see backends.masks.coords for the convention).
 
 A polygon is an (N, 2) float64 array of x, y vertices (implicitly closed: the last vertex is not
 repeated). Pixel (column c, row r) has its centre at (c + 0.5, r + 0.5) and is inside a polygon

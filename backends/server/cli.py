@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from backends.model_base import LabelStudioMLBase
+from backends.server.model_base import LabelStudioMLBase
 from backends.settings import Settings, SettingsError
 
 
@@ -35,7 +35,7 @@ def main(
     import uvicorn
 
     from backends.logs import configure_logging
-    from backends.server import create_app
+    from backends.server.app import create_app
 
     args = build_parser(model_class, default_port).parse_args(argv)
     try:

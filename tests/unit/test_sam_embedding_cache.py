@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from backends.cache import ByteLRU, nbytes
+from sam.embedding_cache import ByteLRU, nbytes
 from backends.metrics import Metrics
 
 
