@@ -2,7 +2,8 @@
 
 Runs bench.sam_latency on the GPU for the `sam` engine with vit_h (random weights): first eager
 (SDPA + bf16, dynamic batches of 8), then with SAM_COMPILE (torch.compile of the encoder, compiled
-at startup), each against bare segment-anything in the same run. Prints JSON lines only; needs
+at startup), each against bare segment-anything in the same run; then the `sam2` (SAM 2.1
+hiera-tiny) and `sam3` engines against bare transformers calls. Prints JSON lines only; needs
 nothing beyond what the project installs. Refuses to run without CUDA (the CPU figures come from
 `python -m bench.sam_latency`).
 """
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     sam_latency.main(common)
     if not args.skip_compile:
         sam_latency.main(common + ["--compile"])
+    for engine in ("sam2", "sam3"):  # real-size architectures (SAM 2.1 hiera-tiny, SAM 3), random weights
+        sam_latency.main(["--engine", engine, *common[4:]])
     return 0
 
 

@@ -1,6 +1,6 @@
 """Embedding and click latency of the SAM backend, against bare segment-anything in the same run.
 
-    python -m bench.sam_latency [--engine sam] [--model-type vit_b] [--device auto]
+    python -m bench.sam_latency [--engine sam|sam2|sam3] [--model-type vit_b] [--device auto] [--tiny]
 
 RANDOM weights (the same compute as Meta's checkpoints, which cannot be downloaded here) on
 synthetic 1024x768 RGB images. Random weights make noise masks (a third of the pixels, RLEs of
@@ -52,6 +52,11 @@ CONFIG = """<View>
   <BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels>
   <RectangleLabels name="box" toName="image" smart="true"><Label value="Object"/></RectangleLabels>
 </View>"""
+BARE_NAMES = {  # engine -> (bare embedding call, bare prompt call)
+    "sam": ("SamPredictor.set_image", "SamPredictor.predict"),
+    "sam2": ("Sam2Model.get_image_embeddings", "Sam2Model(box)"),
+    "sam3": ("Sam3TrackerModel.get_image_embeddings", "Sam3TrackerModel(box)"),
+}
 ANSWER_MASK = "ellipse inscribed in the box (the model's random-weight mask is decoded, then replaced)"
 
 
@@ -265,44 +270,100 @@ def backend_figures(settings: Settings, burst: int, clicks: int, annotators: int
             "batches": batches}
 
 
+def hf_bare_figures(engine_name: str, checkpoint: Path, device: str, repeats: int, batch: int) -> dict:
+    """transformers called directly (fp32; our torchvision-free preprocessing, which matches the
+    library's processors exactly): `get_image_embeddings`, then the model with a box prompt."""
+    from transformers import Sam2Model, Sam3TrackerModel
+
+    from sam.engines import hf_common
+
+    model_class = Sam2Model if engine_name == "sam2" else Sam3TrackerModel
+    model = model_class.from_pretrained(checkpoint).to(device).eval()
+    size = int(model.config.prompt_encoder_config.image_size)
+    default = hf_common.IMAGENET_DEFAULT if engine_name == "sam2" else hf_common.IMAGENET_STANDARD
+    norm = hf_common.Normalisation.from_checkpoint(Path(checkpoint), size, default)
+    image = np.array(Image.open(io.BytesIO(synthetic_png(99))).convert("RGB"))
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    pixels = hf_common.preprocess([image], norm).to(device)
+    batched = hf_common.preprocess([image] * batch, norm).to(device)
+
+    @torch.inference_mode()
+    def embed(inputs, bf16: bool = False):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+            return model.get_image_embeddings(inputs)
+
+    features = embed(pixels)
+    boxes = hf_common.prompt_tensors(BOX, None, None, (HEIGHT, WIDTH), size, device)
+
+    @torch.inference_mode()
+    def predict():
+        return model(image_embeddings=features, multimask_output=True, **boxes)
+
+    return {
+        "fp32": statistics.median(timed_ms(lambda: embed(pixels), repeats, device)),
+        "bf16": statistics.median(timed_ms(lambda: embed(pixels, True), repeats, device)),
+        "batched_bf16": statistics.median(timed_ms(lambda: embed(batched, True), max(1, repeats // 2), device)) / batch,
+        "predict": timed_ms(predict, 30, device, warmup=3),
+    }
+
+
+def engine_under_test(args: argparse.Namespace, workdir: Path, device: str) -> tuple[Any, Path, dict, dict]:
+    """(the engine, its checkpoint, bare-library figures, Settings overrides) for --engine."""
+    if args.engine == "sam":
+        checkpoint = save_random_checkpoint(workdir / f"random_{args.model_type}.pth", args.model_type)
+        bare = bare_figures(args.model_type, checkpoint, device, args.repeats, args.batch)
+        engine = SamEngine(checkpoint=checkpoint, model_type=args.model_type, device=device,
+                           compile_encoder=args.compile)
+        return engine, checkpoint, bare, {"sam_model_type": args.model_type, "sam_compile": args.compile}
+    from sam.engines.hf_sam2 import Sam2Engine
+    from sam.engines.hf_sam3 import Sam3Engine
+    from sam.engines.hf_testing import save_random_sam2, save_random_sam3
+
+    if args.engine == "sam2":
+        checkpoint = save_random_sam2(workdir / "sam2", tiny=args.tiny)
+        engine = Sam2Engine(checkpoint, device=device)
+    else:
+        checkpoint = save_random_sam3(workdir / "sam3", tiny=args.tiny, with_detector=False)
+        engine = Sam3Engine(checkpoint, device=device, text=False)
+    return engine, checkpoint, hf_bare_figures(args.engine, checkpoint, device, args.repeats, args.batch), {}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="sam-latency-"))
-    checkpoint = save_random_checkpoint(workdir / f"random_{args.model_type}.pth", args.model_type)
-    bare = bare_figures(args.model_type, checkpoint, device, args.repeats, args.batch)
-
-    engine = SamEngine(checkpoint=checkpoint, model_type=args.model_type, device=device,
-                       compile_encoder=args.compile)
+    engine, checkpoint, bare, overrides = engine_under_test(args, workdir, device)
     image = np.array(Image.open(io.BytesIO(synthetic_png(98))).convert("RGB"))
     engine_embed = statistics.median(timed_ms(lambda: engine.embed(image), args.repeats, device))
     engine_batched = statistics.median(
         timed_ms(lambda: engine.embed_batch([image] * args.batch), max(1, args.repeats // 2), device)
     ) / args.batch
+    model_name = f"{engine.name}, random weights"
     del engine
 
     settings = Settings(
-        sam_engine="sam", sam_checkpoint=str(checkpoint), sam_model_type=args.model_type, device=device,
-        sam_compile=args.compile, image_cache_dir=workdir / "image-cache", embedding_cache_mb=4096,
+        sam_engine=args.engine, sam_checkpoint=str(checkpoint), device=device,
+        image_cache_dir=workdir / "image-cache", embedding_cache_mb=4096,
         embed_batch=args.batch if device.startswith("cuda") else 0, image_allowed_hosts=("127.0.0.1",),
+        **overrides,
     )
     served = backend_figures(settings, args.burst, args.clicks, args.annotators, device)
 
     common = {
-        "machine": machine(), "device": device, "engine": "sam",
-        "model": f"{args.model_type}, random weights, SDPA attention, bf16 encoder, compiled: {args.compile}",
+        "machine": machine(), "device": device, "engine": args.engine, "model": model_name,
+        "sam_options": "SDPA attention, bf16 encoder, compiled: %s" % args.compile if args.engine == "sam" else None,
         "data": f"synthetic {WIDTH}x{HEIGHT} RGB, box prompt", "answer_mask": ANSWER_MASK,
     }
     bare_predict = statistics.median(bare["predict"])
     return [
-        emit("embed_ms", engine_embed, "ms", bare["fp32"], baseline="bare SamPredictor.set_image fp32",
+        emit("embed_ms", engine_embed, "ms", bare["fp32"], baseline=f"bare {BARE_NAMES[args.engine][0]} fp32",
              bare_bf16_ms=round(bare["bf16"], 1), bare_batched_bf16_ms_per_image=round(bare["batched_bf16"], 1),
              engine_batched_ms_per_image=round(engine_batched, 1), batch=args.batch, repeats=args.repeats, **common),
         emit("embed_images_per_s", served["burst_images_per_s"], "images/s", 1000 / bare["fp32"],
-             baseline="bare set_image fp32, images/s", burst=args.burst, encoder_calls=served["batches"], **common),
+             baseline=f"bare {BARE_NAMES[args.engine][0]} fp32, images/s", burst=args.burst, encoder_calls=served["batches"], **common),
         emit("click_ms_cached_p50", statistics.median(served["click"]), "ms", bare_predict,
-             baseline="bare SamPredictor.predict p50 (no HTTP)", clicks=len(served["click"]), **common),
+             baseline=f"bare {BARE_NAMES[args.engine][1]} p50 (no HTTP)", clicks=len(served["click"]), **common),
         emit("click_ms_cached_p90", percentile(served["click"], 90), "ms", percentile(bare["predict"], 90),
-             baseline="bare SamPredictor.predict p90", clicks=len(served["click"]), **common),
+             baseline=f"bare {BARE_NAMES[args.engine][1]} p90", clicks=len(served["click"]), **common),
         emit("concurrent_click_ms_p50", statistics.median(served["concurrent"]), "ms",
              statistics.median(served["click"]), baseline="click_ms_cached_p50 (one annotator)",
              annotators=args.annotators, clicks=len(served["concurrent"]), **common),
@@ -314,7 +375,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engine", default="sam", choices=["sam"])
+    parser.add_argument("--engine", default="sam", choices=sorted(BARE_NAMES))
+    parser.add_argument("--tiny", action="store_true", help="sam2/sam3: tiny random models (overheads only)")
     parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny"])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--repeats", type=int, default=2, help="embeddings timed per method")

@@ -1,0 +1,75 @@
+"""Refinement across clicks: the previous mask's low-resolution logits, fed back as `mask_input`.
+
+When an annotator adds a click to a region the backend already answered (Label Studio resends the
+region's rectangle and every click in the context), the decoder gets that region's previous
+logits as `mask_input` (as in SAM's papers, CVAT and Roboflow), so each click improves the mask
+instead of starting over.
+
+A region is named by its image and its anchor: the rectangle (which Label Studio resends
+unchanged) or, for clicks without a rectangle, the label and the first positive click. Logits
+are reused only when the earlier prompt is a prefix of this one (same anchor, its clicks first,
+at least one new click). They live in the embedding cache, inside EMBEDDING_CACHE_MB (a SAM or
+SAM 2.1 region costs 256 KiB), and leave it with the same LRU rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sam.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The last answer for one region: the clicks it was decoded from and its logits (hxw float32)."""
+
+    points: tuple[tuple[float, float], ...]
+    point_labels: tuple[int, ...]
+    logits: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.logits.nbytes)
+
+
+def region_key(identity: str, prompt: Prompt) -> str:
+    """The cache key of the region `prompt` draws on the image `identity`."""
+    if prompt.box is not None:
+        anchor = "box:" + ",".join(f"{v:.2f}" for v in prompt.box)
+    else:
+        first = next((xy for xy, sign in zip(prompt.points, prompt.point_labels) if sign), prompt.points[0])
+        anchor = f"points:{first[0]:.2f},{first[1]:.2f}"
+    return f"refine|{identity}|{prompt.to_name}|{prompt.label}|{anchor}"
+
+
+def extends(earlier: Refinement, prompt: Prompt) -> bool:
+    """Whether `prompt` is `earlier`'s clicks plus at least one more."""
+    count = len(earlier.points)
+    return (
+        len(prompt.points) > count
+        and tuple(prompt.points[:count]) == earlier.points
+        and tuple(prompt.point_labels[:count]) == earlier.point_labels
+    )
+
+
+class RefinementMemory:
+    """Previous logits per region, kept in a byte-capped cache shared with the embeddings.
+
+    `cache`: a `ByteLRU[str, Any]` whose `sizeof` counts `Refinement.nbytes`.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def previous_logits(self, identity: str, prompt: Prompt) -> np.ndarray | None:
+        """The logits to refine from, or None when this prompt starts a new region."""
+        earlier = self._cache.get(region_key(identity, prompt))
+        if isinstance(earlier, Refinement) and extends(earlier, prompt):
+            return earlier.logits
+        return None
+
+    def remember(self, identity: str, prompt: Prompt, logits: np.ndarray) -> None:
+        refinement = Refinement(tuple(prompt.points), tuple(prompt.point_labels), np.asarray(logits, np.float32))
+        self._cache.put(region_key(identity, prompt), refinement)
