@@ -6,4 +6,5 @@
 - `masks/`: pure mask geometry (brush RLE, polygons, coordinates).
 - `settings`, `errors`, `logs`, `metrics`: configuration read once, the error hierarchy that carries
   the HTTP status, redacted logging, Prometheus metrics.
+- `devices`: DEVICE -> the torch device (one rule for both backends).
 """

@@ -81,6 +81,12 @@ class Settings:
     sam_compile: bool = False
     embed_batch: int = 0
     embed_batch_wait_ms: float = 5.0
+    sam_output: str = "auto"  # auto | brush | polygon | both: the kind of region a prompt becomes
+    sam_polygon_tolerance: float = 1.0  # pixels: how far a simplified polygon may stray from the mask
+    sam_text_prompts: str = ""  # "labels": pre-annotate every label's instances by its name (SAM 3)
+    sam_text_synonyms: str = ""  # "Label=phrase|phrase;Label2=phrase"
+    sam_text_threshold: float = 0.5  # instance score a text prompt's result must reach
+    sam_text_max_instances: int = 100  # instances per text prompt and image
     # Segmentation backend
     model_dir: Path = Path("models/segmentation")
     seg_checkpoint: str = ""
@@ -133,6 +139,12 @@ class Settings:
             sam_compile=_bool(get("SAM_COMPILE"), False),
             embed_batch=int(get("EMBED_BATCH", "0")),
             embed_batch_wait_ms=float(get("EMBED_BATCH_WAIT_MS", "5")),
+            sam_output=get("SAM_OUTPUT", "auto").strip().lower(),
+            sam_polygon_tolerance=float(get("SAM_POLYGON_TOLERANCE", "1")),
+            sam_text_prompts=get("SAM_TEXT_PROMPTS", "").strip().lower(),
+            sam_text_synonyms=get("SAM_TEXT_SYNONYMS", ""),
+            sam_text_threshold=float(get("SAM_TEXT_THRESHOLD", "0.5")),
+            sam_text_max_instances=_count(env, "SAM_TEXT_MAX_INSTANCES", 100),
             model_dir=Path(get("MODEL_DIR", "models/segmentation")),
             seg_checkpoint=get("SEG_CHECKPOINT", ""),
             train_every=int(get("TRAIN_EVERY", "10")),

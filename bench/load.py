@@ -3,21 +3,23 @@
     python -m bench.load [--annotators 8] [--seconds 20] [--engine classic|deterministic]
 
 N simulated annotators each open their own DSB2018 images (from ../shared/data, served by a
-loopback HTTP server allowed through IMAGE_ALLOWED_HOSTS) and click on them: a smart rectangle
+loopback file server allowed through IMAGE_ALLOWED_HOSTS) and click on them: a smart rectangle
 around a true nucleus (its bounding box), the way Label Studio sends it. Opening a task sends the
 prewarm `/predict` without context first, as Label Studio does. Printed (one JSON line each, via
 bench.common.emit): click latency p50 and p99 against the single-annotator p50 measured in the same
 run, throughput (clicks/s, against one annotator's), the backend process's peak RSS (VmHWM from
 /proc) and the peak embedding cache bytes against its cap (EMBEDDING_CACHE_MB).
 
-The machinery (image host, annotator loop, samplers) is reused by tests/reliability.
-Everything is bounded: `--seconds` per phase, `--max-clicks` per annotator, loopback only.
+The load generator (annotators and their clicks, samplers) is reused by tests/reliability; this
+module imports nothing from tests/ (the `deterministic` engine is named for the backend process,
+which finds it in the checkout's tests/support). Everything is bounded: `--seconds` per phase,
+`--max-clicks` per annotator, loopback only.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import http.server
-import io
 import random
 import sys
 import tempfile
@@ -33,7 +35,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DETERMINISTIC_ENGINE = "tests.reliability.deterministic_engine:DeterministicEngine"
+DETERMINISTIC_ENGINE = "tests.support.engines:DeterministicEngine"
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -53,7 +55,8 @@ PROJECT = "1.1762076800"
 
 @dataclass(frozen=True)
 class TaskImage:
-    """One task's image: served at `path`, `pixels` HxWx3 uint8, candidate `boxes` XYXY pixels."""
+    """One task's image: served at `path` (its bytes `png`), `pixels` HxWx3 uint8, candidate `boxes`
+    XYXY pixels."""
 
     task_id: int
     path: str
@@ -79,14 +82,9 @@ class Prompt:
     point_labels: tuple[int, ...] = ()
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def dsb2018_images(data_dir: Path, count: int, first_task_id: int = 1) -> list[TaskImage]:
-    """The first `count` DSB2018 images (sorted ids) with their nuclei's bounding boxes as prompts."""
+    """The first `count` DSB2018 images (sorted ids) with their nuclei's bounding boxes as prompts;
+    served by an ImageHost on data_dir / "dsb2018" / "images"."""
     paths = sorted((data_dir / "dsb2018" / "images").glob("*.png"))[:count]
     images = []
     for offset, path in enumerate(paths):
@@ -97,7 +95,7 @@ def dsb2018_images(data_dir: Path, count: int, first_task_id: int = 1) -> list[T
             rows, cols = np.nonzero(labels == instance)
             if rows.max() > rows.min() and cols.max() > cols.min():
                 boxes.append((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
-        images.append(TaskImage(first_task_id + offset, f"/dsb2018/{path.name}", path.read_bytes(), pixels,
+        images.append(TaskImage(first_task_id + offset, f"/{path.name}", path.read_bytes(), pixels,
                                 tuple(boxes) or ((0, 0, pixels.shape[1], pixels.shape[0]),)))
     return images
 
@@ -146,38 +144,17 @@ def click_context(prompt: Prompt, image: TaskImage) -> dict:
 # --------------------------------------------------------------------------- loopback image host
 
 
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 class ImageHost:
-    """A threaded HTTP server on 127.0.0.1:<free port> serving `files` ({path: bytes}); counts GETs."""
+    """Serves the files under `directory` on 127.0.0.1:<free port>, in threads."""
 
-    def __init__(self, files: dict[str, bytes]):
-        self.files = dict(files)
-        self.hits: dict[str, int] = {}
-        self._lock = threading.Lock()
-        host = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                with host._lock:
-                    host.hits[path] = host.hits.get(path, 0) + 1
-                body = host.files.get(path)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, directory: Path):
+        handler = functools.partial(_QuietFiles, directory=str(directory))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -442,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference_seconds = args.reference_seconds or args.seconds / 2
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as home, \
-            ImageHost({image.path: image.png for image in images}) as host:
+            ImageHost(args.data / "dsb2018" / "images") as host:
         home = Path(home)
         backend = start_backend("sam", sam_env(args.engine, host.netloc, cache_mb, home), home / "sam.log")
         try:

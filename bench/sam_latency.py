@@ -39,7 +39,8 @@ from PIL import Image
 from backends.server.app import create_app
 from backends.settings import Settings
 from bench.common import emit, machine
-from sam.engines.segment_anything_engine import SamEngine, build_model, resolve_device, save_random_checkpoint
+from backends.devices import resolve_device
+from sam.engines.segment_anything_engine import SamEngine, build_model, save_random_checkpoint
 from sam.engines.segment_anything_loader import load_segment_anything
 from sam.engines.sam_fast_encoder import preprocess_batch
 from sam.model import SamBackend
@@ -242,7 +243,7 @@ def bare_figures(model_type: str, checkpoint: Path, device: str, repeats: int, b
 def backend_figures(settings: Settings, burst: int, clicks: int, annotators: int, device: str) -> dict:
     images = ImageServer()
     backend = BackendServer(settings)
-    store = SamBackend.store
+    store = backend.app.state.server.service.store  # the SamService startup returned
     store.engine = SmoothMaskEngine(store.engine)
     try:
         backend.predict(images.url(0), 1, smart_rectangle())  # embeds and caches image 0; warms up

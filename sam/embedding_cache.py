@@ -92,6 +92,11 @@ class ByteLRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> list[K]:
+        """A snapshot of the stored keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._entries

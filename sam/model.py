@@ -1,12 +1,16 @@
 """The interactive Segment Anything backend (port 9090), as Label Studio sees it.
 
 - startup: load the engine once per process (SAM_ENGINE: auto | sam | classic | module:Class) and
-  an embedding cache shared by every project.
+  an embedding cache shared by every project; they live in the `SamService` it returns, which the
+  server hands to every project's instance (`self.service`).
 - predict without context (Label Studio opens a task): PREWARM. Start computing the image's
   embedding in the background and answer at once, so the first click costs what later ones do.
-- predict with context (a smart rectangle / keypoints): the embedding from the cache, one prompt
-  per rectangle (points refine it), one brush region per prompt, plus polygons when the config
-  has a PolygonLabels tag for that image.
+- predict with context (a smart rectangle / keypoints / a smart TextArea): the embedding from the
+  cache, one prompt per rectangle (points refine it; an added click reuses the region's previous
+  logits), one region per prompt in the kind SAM_OUTPUT chooses (brush by default); a text prompt
+  (SAM 3) gives one region per instance of its concept.
+- SAM_TEXT_PROMPTS=labels: predict without context answers with every instance of every label,
+  found by concept prompts with the label names (pre-annotation before any training).
 - fit("TASKS_CREATED"): prewarm the new tasks' images; other events are ignored. It runs inside
   the webhook request (FIT_IN_REQUEST) and only queues (image URI, task id) pairs, never the body.
 
@@ -21,47 +25,93 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, ClassVar
+from typing import Any
 
 from backends.errors import BackendError, BadRequest, TooManyRequests
-from backends.label_studio.label_config import BRUSH_TYPES, POLYGON_TYPES, ControlTag, LabelConfig
-from backends.server.model_base import BackendContext, LabelStudioMLBase, ModelResponse
+from backends.label_studio.label_config import BRUSH_TYPES
+from backends.server.model_base import BackendRuntime, BackendService, LabelStudioMLBase, ModelResponse
 from backends.server.protocol import image_uri_of
-from backends.label_studio.regions import brush_region, polygon_regions
+from backends.label_studio.regions import mask_regions
 from backends.server.work_queue import QueueFull
 from sam.embeddings import EmbeddingStore
 from sam.engines import load_engine
-from sam.prompts import check_prompt_count, context_regions, prompts_from_context
+from sam.outputs import choose_outputs
+from sam.prompts import PromptContext, parse_context
+from sam.text_prompts import label_for_text, parse_synonyms, phrases_for
 
 log = logging.getLogger(__name__)
 
 ImageRef = tuple[str, Any]  # (image URI, task id): all a prewarm keeps of a task
 
 
+class SamService(BackendService):
+    """What every SAM project shares for the life of the process: the engine with its embedding
+    store, and how many prewarm jobs each project has queued or running."""
+
+    def __init__(self, store: EmbeddingStore):
+        super().__init__()
+        self.store = store
+        self._prewarming: dict[str, int] = {}  # project id -> prewarm jobs queued or running
+        self._prewarm_lock = threading.Lock()
+
+    def health(self) -> dict:
+        return self.store.health()
+
+    def versions(self) -> list:
+        return [self.store.engine.name]
+
+    def take_prewarm_slot(self, project: str, limit: int) -> bool:
+        """Count one more prewarm job for `project`, unless it already has `limit`."""
+        with self._prewarm_lock:
+            if self._prewarming.get(project, 0) >= limit:
+                return False
+            self._prewarming[project] = self._prewarming.get(project, 0) + 1
+            return True
+
+    def release_prewarm_slot(self, project: str) -> None:
+        with self._prewarm_lock:
+            left = self._prewarming.get(project, 0) - 1
+            if left > 0:
+                self._prewarming[project] = left
+            else:  # no entry for an idle project: the map stays as small as the work in flight
+                self._prewarming.pop(project, None)
+
+
 class SamBackend(LabelStudioMLBase):
     FIT_IN_REQUEST = True  # fit only queues bounded prewarms: the webhook can answer 429 when full
-    store: ClassVar[EmbeddingStore]
-    _prewarming: ClassVar[dict[str, int]]  # project id -> prewarm jobs queued or running
-    _prewarm_lock: ClassVar[threading.Lock]
+    runtime: BackendRuntime
+    service: SamService
 
     @classmethod
-    def startup(cls, context: BackendContext) -> None:
-        cls.store = EmbeddingStore(load_engine(context.settings), context)
-        cls._prewarming = {}
-        cls._prewarm_lock = threading.Lock()
-        log.info("SAM backend ready: %s", cls.store.health())
+    def startup(cls, runtime: BackendRuntime) -> SamService:
+        settings = runtime.settings
+        choose_outputs(None, None, settings.sam_output)  # refuse a bad SAM_OUTPUT at start
+        if settings.sam_text_prompts not in ("", "off", "labels"):
+            raise ValueError(f"SAM_TEXT_PROMPTS={settings.sam_text_prompts!r}: expected labels or off")
+        parse_synonyms(settings.sam_text_synonyms)
+        service = SamService(EmbeddingStore(load_engine(settings), settings, runtime.images, runtime.metrics))
+        log.info("SAM backend ready: %s", service.health())
+        return service
+
+    @property
+    def store(self) -> EmbeddingStore:
+        """The engine and embedding cache every project shares."""
+        return self.service.store
 
     def setup(self) -> None:
         self.model_version = self.store.engine.name
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> ModelResponse:
+        if not context and self.runtime.settings.sam_text_prompts == "labels":
+            return ModelResponse(model_version=self.model_version, predictions=self._find_every_label(tasks))
         if not context:
             self._start_prewarm(tasks, refuse_when_full=False)
             return ModelResponse(model_version=self.model_version, predictions=[])
-        check_prompt_count(context, len(tasks), self.context.settings.max_prompts_per_request)
+        prompts = parse_context(context, self.parsed_label_config, len(tasks),
+                                self.runtime.settings.max_prompts_per_request)
         return ModelResponse(
             model_version=self.model_version,
-            predictions=[self._segment(task, context) for task in tasks],
+            predictions=[self._segment(task, prompts) for task in tasks],
         )
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict | None:
@@ -70,35 +120,78 @@ class SamBackend(LabelStudioMLBase):
         tasks = data.get("tasks")
         return {"prewarm": self._start_prewarm(tasks if isinstance(tasks, list) else [], refuse_when_full=True)}
 
-    @classmethod
-    def health(cls) -> dict:
-        return cls.store.health()
-
-    @classmethod
-    def versions(cls) -> list:
-        return [cls.store.engine.name]
-
     # -- the interactive call -----------------------------------------------------------------
 
-    def _segment(self, task: dict, context: dict) -> dict:
+    def _segment(self, task: dict, prompts: PromptContext) -> dict:
         config = self.parsed_label_config
-        to_name = _prompted_image(context_regions(context), config)
-        record = self.store.get(image_uri_of(task, config.images[to_name]), task.get("id"))
-        prompts = prompts_from_context(context, record.width, record.height, config.output_labels())
+        image = prompts.image
+        record = self.store.get(image_uri_of(task, config.images[image]), task.get("id"))
         regions, scores = [], []
-        for prompt in prompts:
-            mask, score = self.store.predict(record, prompt.box, prompt.points, prompt.point_labels)
-            for tag in _output_tags(config, to_name, prompt.label):
-                if tag.type in BRUSH_TYPES:
-                    regions.append(brush_region(mask, prompt.label, tag, record.width, record.height, score, to_name=to_name))
-                else:
-                    regions += polygon_regions(mask, prompt.label, tag, record.width, record.height, score, to_name=to_name)
+        for prompt in prompts.prompts(record.width, record.height):
+            mask, score = self.store.predict(record, prompt)
+            regions += self._regions(mask, prompt.label, image, score)
             scores.append(score)
+        labels = [label for tag in config.output_tags(image) for label in tag.labels]
+        for text in prompts.texts:
+            label = label_for_text(text.text, list(dict.fromkeys(labels)), self._synonyms())
+            for mask, score in self._instances(record, text.text):
+                regions += self._regions(mask, label, image, score)
+                scores.append(score)
         return {
             "result": regions,
             "score": sum(scores) / len(scores) if scores else 0.0,
             "model_version": self.model_version,
         }
+
+    def _regions(self, mask: Any, label: str, image: str, score: float) -> list[dict]:
+        """One mask -> its result regions, in the kind SAM_OUTPUT chooses among the tags with `label`."""
+        tags = self.parsed_label_config.output_tags(image, label)
+        brush = next((tag for tag in tags if tag.type in BRUSH_TYPES), None)
+        polygon = next((tag for tag in tags if tag.type not in BRUSH_TYPES), None)
+        regions: list[dict] = []
+        for tag in choose_outputs(brush, polygon, self.runtime.settings.sam_output):
+            regions += mask_regions(mask, label, tag, score, to_name=image,
+                                    tolerance=self.runtime.settings.sam_polygon_tolerance)
+        return regions
+
+    def _instances(self, record: Any, text: str) -> list:
+        settings = self.runtime.settings
+        return self.store.segment_text(record, text, settings.sam_text_threshold, settings.sam_text_max_instances)
+
+    def _synonyms(self) -> dict:
+        return parse_synonyms(self.runtime.settings.sam_text_synonyms)
+
+    # -- pre-annotation by text prompts (SAM_TEXT_PROMPTS=labels) ----------------------------------
+
+    def _find_every_label(self, tasks: list[dict]) -> list[dict]:
+        """Every instance of every output label in each task's image, found by concept prompts with
+        the label names (or SAM_TEXT_SYNONYMS): pre-annotation on day one, before any training."""
+        limit = self.runtime.settings.prewarm_max_per_request
+        if len(tasks) > limit:
+            raise BadRequest(
+                f"{len(tasks)} tasks in one request; text-prompt pre-annotation takes at most {limit} "
+                "(PREWARM_MAX_PER_REQUEST): retrieve predictions for fewer tasks at a time"
+            )
+        config = self.parsed_label_config
+        image = config.primary_image()
+        if image is None:
+            raise BadRequest("the label config has no Image tag with a brush or polygon output")
+        labels = list(dict.fromkeys(label for tag in config.output_tags(image) for label in tag.labels))
+        predictions = []
+        for task in tasks:
+            record = self.store.get(image_uri_of(task, config.images[image]), task.get("id"))
+            regions, scores = [], []
+            for label in labels:
+                for phrase in phrases_for(label, self._synonyms()):
+                    for mask, score in self._instances(record, phrase):
+                        regions += self._regions(mask, label, image, score)
+                        scores.append(score)
+            predictions.append({
+                "result": regions,
+                "score": sum(scores) / len(scores) if scores else 0.0,
+                "model_version": self.model_version,
+            })
+        return predictions
 
     # -- prewarming ------------------------------------------------------------------------------
 
@@ -107,20 +200,20 @@ class SamBackend(LabelStudioMLBase):
         {"queued": tasks queued, "not_prewarmed": the rest}. A project's prewarms queued or running
         are capped by the same number. A full background queue raises TooManyRequests when
         `refuse_when_full` (a webhook), else the rest are skipped (Label Studio opening a task)."""
-        limit = self.context.settings.prewarm_max_per_request
+        limit = self.runtime.settings.prewarm_max_per_request
         queued = 0
         for task in tasks[:limit]:
             refs = self._image_refs(task)
-            if not refs or not self._take_prewarm_slot(limit):
+            if not refs or not self.service.take_prewarm_slot(self.project_id or "", limit):
                 continue
             try:
-                self.context.background.submit(self._prewarm, refs)
+                self.runtime.background.submit(self._prewarm, refs)
             except QueueFull as full:
-                self._release_prewarm_slot()
+                self.service.release_prewarm_slot(self.project_id or "")
                 if refuse_when_full and queued == 0:
                     raise TooManyRequests(
                         f"too much background work: {full.running} jobs running and {full.waiting} waiting "
-                        f"(BACKGROUND_QUEUE_MAX={self.context.settings.background_queue_max}); no task of this "
+                        f"(BACKGROUND_QUEUE_MAX={self.runtime.settings.background_queue_max}); no task of this "
                         "event was prewarmed, their embeddings are computed at the first click"
                     ) from None
                 break
@@ -134,28 +227,11 @@ class SamBackend(LabelStudioMLBase):
         """(URI, task id) of each image of the task the config segments; [] when unusable (logged)."""
         try:
             config = self.parsed_label_config
-            return [(image_uri_of(task, config.images[name]), task.get("id")) for name in _output_images(config)]
+            return [(image_uri_of(task, config.images[name]), task.get("id")) for name in config.output_images()]
         except BackendError as error:
             task_id = task.get("id") if isinstance(task, dict) else None  # webhook tasks are unchecked
             log.warning("task %s not prewarmed: %s", task_id, error.message)
             return []
-
-    def _take_prewarm_slot(self, limit: int) -> bool:
-        project = self.project_id or ""
-        with self._prewarm_lock:
-            if self._prewarming.get(project, 0) >= limit:
-                return False
-            self._prewarming[project] = self._prewarming.get(project, 0) + 1
-            return True
-
-    def _release_prewarm_slot(self) -> None:
-        project = self.project_id or ""
-        with self._prewarm_lock:
-            left = self._prewarming.get(project, 0) - 1
-            if left > 0:
-                self._prewarming[project] = left
-            else:  # no entry for an idle project: the map stays as small as the work in flight
-                self._prewarming.pop(project, None)
 
     def _prewarm(self, refs: list[ImageRef]) -> None:
         """Compute (or find) the embedding of each image; failures are logged, not raised."""
@@ -165,40 +241,4 @@ class SamBackend(LabelStudioMLBase):
         except Exception as error:  # a background job: nobody waits for its answer
             log.warning("prewarm of task %s failed: %s", refs[0][1], getattr(error, "message", error))
         finally:
-            self._release_prewarm_slot()
-
-
-# -- label config lookups -------------------------------------------------------------------------
-
-
-def _output_images(config: LabelConfig) -> list[str]:
-    """Image tags that have a brush or polygon output tag."""
-    return [name for name in config.images if any(tag.targets(name) for tag in config.output_tags())]
-
-
-def _prompted_image(regions: list[dict], config: LabelConfig) -> str:
-    """The Image tag the smart tool was used on (the regions' to_name), else the first output image.
-    `regions`: the context's regions, shape already checked by `context_regions`."""
-    names = {region.get("to_name") for region in regions} - {None}
-    if len(names) > 1:
-        raise BadRequest(f"interactive prompts on several images at once ({', '.join(sorted(names))})")
-    images = _output_images(config)
-    name = names.pop() if names else (images[0] if images else None)
-    if name not in config.images:
-        raise BadRequest(f"the label config has no Image tag named {name!r}")
-    return name
-
-
-def _output_tags(config: LabelConfig, to_name: str, label: str) -> list[ControlTag]:
-    """The first brush tag and the first polygon tag on Image `to_name` that have `label`."""
-    found: list[ControlTag] = []
-    for types in (BRUSH_TYPES, POLYGON_TYPES):
-        tag = next(
-            (t for t in config.output_tags() if t.type in types and t.targets(to_name) and label in t.labels),
-            None,
-        )
-        if tag is not None:
-            found.append(tag)
-    if not found:
-        raise BadRequest(f"no BrushLabels or PolygonLabels tag on image {to_name!r} has the label {label!r}")
-    return found
+            self.service.release_prewarm_slot(self.project_id or "")

@@ -12,14 +12,19 @@ Prompts come out in PIXELS of the original image (x right, y down):
 - keypoints outside every rectangle form points-only prompts, one per label, each needing at
   least one positive point (negative points alone describe no object and are dropped).
 The prompt's label is the region's label; the backend maps it to the output label of that name.
+
+`parse_context` checks a context once per request, before any image is fetched;
+`PromptContext.prompts(width, height)` then gives each task's prompts in its image's pixels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
 
-from backends.masks.coords import percent_box_to_pixels, percent_point_to_pixels
 from backends.errors import BadRequest
+from sam.text_prompts import TEXTAREA, TextPrompt, text_prompts
+from backends.label_studio.label_config import LabelConfig
+from backends.masks.coords import percent_box_to_pixels, percent_point_to_pixels
 
 RECTANGLE = "rectanglelabels"
 KEYPOINT = "keypointlabels"
@@ -44,83 +49,131 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class _SmartRegion:
+    """A checked context region: `kind` RECTANGLE or KEYPOINT, its label, its percent `value`."""
+
+    kind: str
+    label: str
+    value: Mapping[str, Any]
+    positive: bool
+    from_name: str
+    where: str  # "context region <index>", for messages
+
+
+@dataclass(frozen=True)
 class _Point:
     xy: tuple[float, float]
     positive: bool
     label: str
-    to_name: str
     from_name: str
 
 
-def prompts_from_context(
-    context: Mapping[str, Any] | None,
-    width: int,
-    height: int,
-    known_labels: Collection[str] | None = None,
-) -> list[Prompt]:
-    """Parse the interactive context for an image of `width` x `height` pixels into prompts.
+@dataclass(frozen=True)
+class PromptContext:
+    """An interactive context, checked once per request (see `parse_context`).
 
-    `known_labels`: the labels the config can output for this image (None: accept any).
-    Raises BadRequest (with a message) for malformed regions, NaN, zero area, prompts outside
-    the image, a missing or unknown label, and image_rotation != 0 (not supported).
+    image: the Image tag the smart tools were used on; regions: the context's regions, shape
+    checked (objects with a 'value' object, tag names as strings), in order.
     """
-    boxes: list[tuple[tuple[float, float, float, float], str, str, str]] = []
-    points: list[_Point] = []
-    for index, region in enumerate(context_regions(context)):
-        where = f"context region {index}"
-        _refuse_rotated_image(region, where)
-        kind = region.get("type")
-        if kind not in (RECTANGLE, KEYPOINT):
-            raise BadRequest(f"{where}: unsupported type {kind!r} (smart tools send rectanglelabels or keypointlabels)")
-        label = _label(region, kind, where, known_labels)
-        to_name, from_name = str(region.get("to_name") or ""), str(region.get("from_name") or "")
-        if kind == RECTANGLE:
-            boxes.append((_box(region["value"], width, height, where), label, to_name, from_name))
-        else:
-            xy = _point(region["value"], width, height, where)
-            points.append(_Point(xy, _is_positive(region), label, to_name, from_name))
-    return _assemble(boxes, points)
+
+    image: str
+    regions: tuple[Mapping[str, Any], ...]
+    _smart: tuple[_SmartRegion, ...] = field(repr=False)
+    texts: tuple[TextPrompt, ...] = ()  # text (concept) prompts from a smart TextArea (SAM 3)
+
+    def prompts(self, width: int, height: int) -> list[Prompt]:
+        """The prompts in pixels of this image, `width` x `height` (the task's original image).
+
+        Raises BadRequest for NaN or non-numbers, zero area, and prompts outside the image.
+        """
+        boxes: list[tuple[tuple[float, float, float, float], str, str]] = []
+        points: list[_Point] = []
+        for region in self._smart:
+            if region.kind == RECTANGLE:
+                boxes.append((_box(region.value, width, height, region.where), region.label, region.from_name))
+            else:
+                xy = _point(region.value, width, height, region.where)
+                points.append(_Point(xy, region.positive, region.label, region.from_name))
+        return _assemble(boxes, points, self.image)
 
 
-def check_prompt_count(context: Any, task_count: int, limit: int) -> None:
-    """BadRequest when an interactive request holds more than `limit` prompts (context regions x
-    tasks, each costing an engine call and a mask); checked before any region is read."""
-    regions = context.get("result") if isinstance(context, Mapping) else None
-    if not isinstance(regions, list):
-        return  # context_regions says what is wrong with it
-    prompts = len(regions) * max(task_count, 1)
-    if prompts > limit:
-        raise BadRequest(
-            f"this interactive request holds {prompts} prompts ({len(regions)} context regions x "
-            f"{max(task_count, 1)} tasks); at most {limit} are accepted per request (MAX_PROMPTS_PER_REQUEST)"
-        )
+def parse_context(
+    context: Any, config: LabelConfig, task_count: int = 1, max_prompts: int | None = None
+) -> PromptContext:
+    """Check Label Studio's interactive context once, before any image is fetched.
 
-
-def context_regions(context: Any) -> list[Mapping[str, Any]]:
-    """The regions of an interactive context, checked for shape before anything reads them.
-
-    Label Studio sends `{"result": [region, ...]}`; every region must be an object with a 'value'
-    object, and its 'to_name' / 'from_name' (tag names), when present, strings. Raises BadRequest
-    otherwise. Values inside 'value' (numbers, labels) are checked by `prompts_from_context`.
+    In order: its shape (an object with a 'result' list), the number of prompts (regions x tasks,
+    each costing an engine call and a mask: at most `max_prompts`, MAX_PROMPTS_PER_REQUEST), each
+    region's shape ('value' object, 'to_name' / 'from_name' strings), the image they were drawn on
+    (one Image tag of `config`: the regions' to_name, else its primary image), and each region's
+    image rotation (0 only), type and label (one that a brush or polygon tag on that image has, so
+    every prompt's mask has a tag to go to). Raises BadRequest saying what is wrong.
     """
+    regions = _result_list(context)
+    if max_prompts is not None:
+        _check_prompt_count(len(regions), task_count, max_prompts)
+    for index, region in enumerate(regions):
+        _check_region_shape(region, f"context region {index}")
+    image = _prompted_image(regions, config)
+    labels = {label: None for tag in config.output_tags(image) for label in tag.labels}
+    smart = tuple(
+        _smart_region(region, f"context region {index}", image, labels)
+        for index, region in enumerate(regions)
+        if region.get("type") != TEXTAREA
+    )
+    return PromptContext(image, tuple(regions), smart, tuple(text_prompts(regions)))
+
+
+def _result_list(context: Any) -> list:
     if not isinstance(context, Mapping):
         raise BadRequest(f"interactive context must be an object with a 'result' list, got {type(context).__name__}")
     regions = context.get("result")
     if not isinstance(regions, list):
         raise BadRequest(f"interactive context has no 'result' list (got {type(regions).__name__})")
-    for index, region in enumerate(regions):
-        where = f"context region {index}"
-        if not isinstance(region, Mapping) or not isinstance(region.get("value"), Mapping):
-            raise BadRequest(f"{where}: expected an object with a 'value' object")
-        for key in ("to_name", "from_name"):
-            name = region.get(key)
-            if name is not None and not isinstance(name, str):
-                raise BadRequest(f"{where}: {key} must be a tag name (a string), got {type(name).__name__}")
     return regions
 
 
+def _check_prompt_count(regions: int, task_count: int, limit: int) -> None:
+    """Checked before any region is read: a huge context costs nothing."""
+    prompts = regions * max(task_count, 1)
+    if prompts > limit:
+        raise BadRequest(
+            f"this interactive request holds {prompts} prompts ({regions} context regions x "
+            f"{max(task_count, 1)} tasks); at most {limit} are accepted per request (MAX_PROMPTS_PER_REQUEST)"
+        )
+
+
+def _check_region_shape(region: Any, where: str) -> None:
+    if not isinstance(region, Mapping) or not isinstance(region.get("value"), Mapping):
+        raise BadRequest(f"{where}: expected an object with a 'value' object")
+    for key in ("to_name", "from_name"):
+        name = region.get(key)
+        if name is not None and not isinstance(name, str):
+            raise BadRequest(f"{where}: {key} must be a tag name (a string), got {type(name).__name__}")
+
+
+def _prompted_image(regions: list[Mapping[str, Any]], config: LabelConfig) -> str:
+    """The Image tag the smart tools were used on (the regions' to_name), else the primary image."""
+    names = {str(region["to_name"]) for region in regions if region.get("to_name") is not None}
+    if len(names) > 1:
+        raise BadRequest(f"interactive prompts on several images at once ({', '.join(sorted(names))})")
+    name = names.pop() if names else config.primary_image()
+    if name is None or name not in config.images:
+        raise BadRequest(f"the label config has no Image tag named {name!r}")
+    return name
+
+
+def _smart_region(region: Mapping[str, Any], where: str, image: str, known_labels: Collection[str]) -> _SmartRegion:
+    _refuse_rotated_image(region, where)
+    kind = region.get("type")
+    if kind not in (RECTANGLE, KEYPOINT):
+        raise BadRequest(f"{where}: unsupported type {kind!r} (smart tools send rectanglelabels or keypointlabels)")
+    label = _label(region, kind, where, image, known_labels)
+    return _SmartRegion(kind, label, region["value"], _is_positive(region), str(region.get("from_name") or ""), where)
+
+
 def _assemble(
-    boxes: list[tuple[tuple[float, float, float, float], str, str, str]], points: list[_Point]
+    boxes: list[tuple[tuple[float, float, float, float], str, str]], points: list[_Point], image: str
 ) -> list[Prompt]:
     refining: list[list[_Point]] = [[] for _ in boxes]
     loose: list[_Point] = []
@@ -132,14 +185,14 @@ def _assemble(
         else:
             loose.append(point)
     prompts = [
-        Prompt(label, to_name, box, tuple(p.xy for p in extra), tuple(int(p.positive) for p in extra), from_name)
-        for (box, label, to_name, from_name), extra in zip(boxes, refining)
+        Prompt(label, image, box, tuple(p.xy for p in extra), tuple(int(p.positive) for p in extra), from_name)
+        for (box, label, from_name), extra in zip(boxes, refining)
     ]
     for label in dict.fromkeys(p.label for p in loose):  # first-seen order
         group = [p for p in loose if p.label == label]
         if any(p.positive for p in group):
             xy, signs = tuple(p.xy for p in group), tuple(int(p.positive) for p in group)
-            prompts.append(Prompt(label, group[0].to_name, None, xy, signs, group[0].from_name))
+            prompts.append(Prompt(label, image, None, xy, signs, group[0].from_name))
     return prompts
 
 
@@ -156,15 +209,16 @@ def _refuse_rotated_image(region: Mapping[str, Any], where: str) -> None:
         )
 
 
-def _label(region: Mapping[str, Any], kind: Any, where: str, known_labels: Collection[str] | None) -> str:
-    names = region["value"].get(kind) if isinstance(kind, str) else None
+def _label(region: Mapping[str, Any], kind: str, where: str, image: str, known_labels: Collection[str]) -> str:
+    """The region's label: one that a brush or polygon tag on `image` has (`known_labels`)."""
+    names = region["value"].get(kind)
     if not isinstance(names, list) or not names or not isinstance(names[0], str) or not names[0]:
         raise BadRequest(f"{where}: no label chosen (value.{kind} is empty); pick a label before drawing")
     label = names[0]
-    if known_labels is not None and label not in known_labels:
+    if label not in known_labels:
         raise BadRequest(
-            f"{where}: label {label!r} has no output label of the same name in the labeling config "
-            f"(known: {', '.join(sorted(known_labels)) or 'none'})"
+            f"{where}: label {label!r} has no output label of the same name on image {image!r} in the "
+            f"labeling config (known: {', '.join(sorted(known_labels)) or 'none'})"
         )
     return label
 

@@ -21,6 +21,9 @@ import numpy as np
 from sam.prompts import Prompt
 
 
+_PREFIX = "refine|"  # image identities never start with it: they start with the origin or task id
+
+
 @dataclass(frozen=True)
 class Refinement:
     """The last answer for one region: the clicks it was decoded from and its logits (hxw float32)."""
@@ -41,7 +44,11 @@ def region_key(identity: str, prompt: Prompt) -> str:
     else:
         first = next((xy for xy, sign in zip(prompt.points, prompt.point_labels) if sign), prompt.points[0])
         anchor = f"points:{first[0]:.2f},{first[1]:.2f}"
-    return f"refine|{identity}|{prompt.to_name}|{prompt.label}|{anchor}"
+    return f"{_PREFIX}{identity}|{prompt.to_name}|{prompt.label}|{anchor}"
+
+
+def is_refinement_key(key: str) -> bool:
+    return key.startswith(_PREFIX)
 
 
 def extends(earlier: Refinement, prompt: Prompt) -> bool:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
+from backends.label_studio.auth import strip_key_scheme
+
 log = logging.getLogger("sdk_scripts")
 
 EXIT_USER_ERROR = 2
@@ -60,7 +62,7 @@ class CliSettings:
         env = os.environ if environ is None else environ
         return cls(
             label_studio_url=env.get("LABEL_STUDIO_URL", "").strip().rstrip("/"),
-            label_studio_api_key=_strip_scheme(env.get("LABEL_STUDIO_API_KEY", "")),
+            label_studio_api_key=strip_key_scheme(env.get("LABEL_STUDIO_API_KEY", "")),
             google_application_credentials=env.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip(),
             storage_emulator_host=env.get("STORAGE_EMULATOR_HOST", "").strip(),
             basic_auth_user=env.get("BASIC_AUTH_USER", "").strip(),
@@ -78,15 +80,6 @@ def _polygon_max_vertices(raw: str) -> int:
     if value < 3:
         raise UserError(f"POLYGON_MAX_VERTICES={value} must be at least 3")
     return value
-
-
-def _strip_scheme(api_key: str) -> str:
-    """Accept keys pasted with their header scheme ("Token abc", "Bearer eyJ...")."""
-    key = api_key.strip()
-    for scheme in ("Token ", "Bearer "):
-        if key.startswith(scheme):
-            return key[len(scheme):].strip()
-    return key
 
 
 # --------------------------------------------------------------------- running a script

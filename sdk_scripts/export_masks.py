@@ -51,6 +51,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from backends.label_studio.annotations import newest_annotation
+
 from sdk_scripts.common import (
     CliSettings,
     LabelStudioConnection,
@@ -122,29 +124,13 @@ def label_map_from_config(label_config: str) -> dict[str, int]:
 
 
 def image_data_key(label_config: str) -> str:
-    """The task data key of the config's first Image tag (``$image`` -> "image")."""
+    """The task data key (``$image`` -> "image") of the Image tag the brush and polygon tags draw
+    on (the config's first Image tag when none does; "image" when it has none)."""
     from backends.label_studio.label_config import parse_label_config
 
-    images = parse_label_config(label_config).images
-    return next(iter(images.values()), "image")
-
-
-def newest_annotation(annotations: Iterable[Mapping]) -> dict | None:
-    """The newest annotation that was not cancelled (skipped), by updated_at, created_at, then id."""
-    if not isinstance(annotations, list):
-        return None
-    usable = [a for a in annotations if isinstance(a, Mapping) and not a.get("was_cancelled")
-              and isinstance(a.get("result"), list)]
-    if not usable:
-        return None
-    return dict(max(usable, key=_annotation_order))
-
-
-def _annotation_order(annotation: Mapping) -> tuple[str, int]:
-    """Sort key: newest by updated_at, then created_at, then id (ids that are not numbers sort first)."""
-    stamp = str(annotation.get("updated_at") or annotation.get("created_at") or "")
-    number = annotation.get("id")
-    return stamp, number if isinstance(number, int) and not isinstance(number, bool) else 0
+    config = parse_label_config(label_config)
+    image = config.primary_image()
+    return config.images[image] if image else next(iter(config.images.values()), "image")
 
 
 def tasks_from_storage_objects(documents: Iterable[Mapping], problems: list[str] | None = None) -> list[dict]:

@@ -20,9 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backends.errors import ImageUnavailable
+from backends.images.decode import allow_pixels, decode_image
+from backends.label_studio.annotations import newest_annotation
 from segmentation.augment import apply
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LOCAL_MAX_PIXELS = 120_000_000  # image files read from a folder: IMAGE_MAX_MEGAPIXELS's default
 
 
 @dataclass(frozen=True)
@@ -132,18 +136,6 @@ class SampleStore:
         np.save(image_path, np.ascontiguousarray(image))
         np.save(mask_path, np.ascontiguousarray(mask))
         return StoredSample(name, image_path, mask_path, tuple(mask.shape), ForegroundIndex.of(mask))
-
-
-def to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1, HxWx3 or HxWx4 array (uint8 or uint16) -> HxWx3 uint8 RGB."""
-    if pixels.dtype != np.uint8:
-        top = float(pixels.max()) or 1.0
-        pixels = (pixels.astype(np.float32) * (255.0 / top)).round().astype(np.uint8)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    return np.ascontiguousarray(pixels[:, :, :3])
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -259,12 +251,18 @@ def split_samples(
     return order[n_val:], order[:n_val]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Any image file -> HxWx3 uint8 RGB."""
-    with Image.open(path) as opened:
-        if opened.mode in ("I;16", "I;16B", "I", "F"):
-            return to_rgb(np.array(opened))
-        return np.array(opened.convert("RGB"))
+def read_image(path: Path, max_pixels: int = LOCAL_MAX_PIXELS) -> np.ndarray:
+    """An image file -> HxWx3 uint8 RGB, decoded as the backends decode fetched images (EXIF
+    orientation applied, as Label Studio shows it; 16-bit and float grey scaled by their range).
+
+    Raises OSError when the file cannot be read, ValueError when it is not a readable image or
+    has more than `max_pixels` pixels.
+    """
+    allow_pixels(max_pixels)
+    try:
+        return decode_image(Path(path).read_bytes(), max_pixels, name=Path(path).name)
+    except ImageUnavailable as error:
+        raise ValueError(error.message) from None
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -316,17 +314,6 @@ def load_pair(image_path: Path, mask_path: Path, n_labels: int) -> Sample:
 # -- Label Studio annotations -> samples ----------------------------------------------------------
 
 
-def newest_annotation(task: dict) -> dict | None:
-    """The task's newest annotation that was not cancelled (by updated_at, then created_at, then id)."""
-    usable = [
-        annotation for annotation in task.get("annotations") or []
-        if isinstance(annotation, dict) and not annotation.get("was_cancelled")
-    ]
-    if not usable:
-        return None
-    return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-
-
 def samples_from_tasks(
     tasks: Sequence[dict],
     image_key: str,
@@ -353,7 +340,7 @@ def samples_from_tasks(
     problems: list[str] = []
     for task in tasks:
         task_id = task.get("id")
-        annotation = newest_annotation(task)
+        annotation = newest_annotation(task.get("annotations"))
         if annotation is None:
             continue  # unlabelled (or only cancelled) tasks are simply not training data
         uri = (task.get("data") or {}).get(image_key)

@@ -82,10 +82,3 @@ class _SqueezeTarget(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits, target[:, 0].long())
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from segmentation.data import image_files, read_image
 from segmentation.tiled_inference import segment_images
-from segmentation.network import resolve_device
+from backends.devices import resolve_device
 from segmentation.versions import METRICS_FILE, LoadedModel, load_current, load_version
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             for stem, path in files[start : start + args.batch_size]:
                 try:
                     batch.append((stem, read_image(path)))
-                except OSError as error:
+                except (OSError, ValueError) as error:  # unreadable file, or not a readable image
                     failures += 1
                     print(f"skipped: {path.name}: {error}", file=sys.stderr)
             results = segment_images(model.network, [image for _, image in batch], model.device,

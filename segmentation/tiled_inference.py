@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,22 +51,17 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 
 def segment_images(
-    network: torch.nn.Module,
-    images: Sequence[np.ndarray],
-    device: torch.device,
-    tile: int = 512,
-    batch_size: int = 4,
-    size_multiple: int = 16,
-    overlap: float = 0.25,
+    network: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device | str, **options: Any
 ) -> list[Segmentation]:
-    """Predict class-index masks for HxWx3 uint8 images of any sizes (one Segmentation each)."""
-    return list(iter_segmentations(network, images, device, tile, batch_size, size_multiple, overlap))
+    """Predict class-index masks for HxWx3 uint8 images of any sizes (one Segmentation each);
+    `options` (tile, batch_size, size_multiple, overlap) as in `iter_segmentations`."""
+    return list(iter_segmentations(network, images, device, **options))
 
 
 def iter_segmentations(
     network: torch.nn.Module,
     images: Iterable[np.ndarray],
-    device: torch.device,
+    device: torch.device | str,
     tile: int = 512,
     batch_size: int = 4,
     size_multiple: int = 16,
@@ -103,7 +98,7 @@ def _finished(unfinished: collections.deque) -> Iterator[Segmentation]:
         yield unfinished.popleft().result()
 
 
-def _forward(network: torch.nn.Module, queued: list, device: torch.device, importance: dict) -> None:
+def _forward(network: torch.nn.Module, queued: list, device: torch.device | str, importance: dict) -> None:
     """Run one batch of same-sized windows and blend each output into its image. (Inference mode
     here, not around the generator: a suspended generator would leave it on for its caller.)"""
     roi = queued[0][0].roi
@@ -219,7 +214,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return [d * interval - max(d * interval + roi - size, 0) for d in range(count)]
 
 
-def gaussian_importance(roi: tuple[int, int], device: torch.device) -> torch.Tensor:
+def gaussian_importance(roi: tuple[int, int], device: torch.device | str) -> torch.Tensor:
     """roi_h x roi_w float32 blending weights, highest in the middle: monai's
     `compute_importance_map(roi, mode="gaussian", sigma_scale=0.125)`."""
     rows, cols = (_gaussian(length, device) for length in roi)
@@ -227,7 +222,7 @@ def gaussian_importance(roi: tuple[int, int], device: torch.device) -> torch.Ten
     return torch.clamp_(weights, min=max(torch.min(weights).item(), 1e-3))
 
 
-def _gaussian(length: int, device: torch.device) -> torch.Tensor:
+def _gaussian(length: int, device: torch.device | str) -> torch.Tensor:
     sigma = length * 0.125
     x = torch.arange(start=-(length - 1) / 2.0, end=(length - 1) / 2.0 + 1, dtype=torch.float, device=device)
     return torch.exp(x**2 / (-2 * sigma**2))

@@ -17,10 +17,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from backends.devices import resolve_device
 from segmentation.augment import build_augmentation
 from segmentation.data import AnySample, CropDataset, split_samples
 from segmentation.tiled_inference import iter_segmentations
-from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network, resolve_device
+from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network
 from segmentation.versions import VersionInfo, save_version
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _mean(values: Sequence[float | None]) -> float:
 
 
 def evaluate(
-    network: torch.nn.Module, samples: Sequence[AnySample], n_classes: int, device: torch.device,
+    network: torch.nn.Module, samples: Sequence[AnySample], n_classes: int, device: torch.device | str,
     size_multiple: int = 16,
 ) -> dict:
     """Whole-image validation: {"dice": [...], "iou": [...], "mean_dice": x, "mean_iou": y}.
@@ -146,21 +147,75 @@ def fit(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedNetwork:
-    """Train a fresh network on `samples` (class k = labels[k-1]) within config.minutes."""
+    """Train a fresh network on `samples` (class k = labels[k-1]) within config.minutes.
+
+    Epochs of `steps_per_epoch` steps until the budget is spent (or `should_stop()`), each scored
+    on the validation images; the best-scoring weights are returned.
+    """
+    run = _prepare(samples, labels, config, progress, should_stop)
+    while config.max_epochs is None or run.epoch < config.max_epochs:
+        _train_epoch(run)
+        _score_epoch(run)
+        if run.out_of_time():
+            break
+    return _result(run, labels)
+
+
+@dataclass
+class _Run:
+    """One training run: what `_prepare` builds, and how far the epochs have gone."""
+
+    config: TrainConfig
+    device: str
+    network_config: NetworkConfig
+    network: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    train_samples: list[AnySample]
+    val_samples: list[AnySample]  # the training samples when nothing is held out
+    validated_on: str  # "held_out" | "training"
+    crop_size: int
+    budget_s: float
+    progress: Callable[[Progress], None] | None
+    should_stop: Callable[[], bool] | None
+    started: float  # time.monotonic() when the first step starts
+    epoch: int = 0
+    step: int = 0
+    last_loss: float = float("nan")
+    best_state: dict[str, torch.Tensor] | None = None
+    best_scores: dict | None = None
+    best_epoch: int = 0
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def out_of_time(self) -> bool:
+        return self.elapsed_s() >= self.budget_s or bool(self.should_stop and self.should_stop())
+
+    def best_val_score(self) -> float | None:
+        return self.best_scores["mean_dice"] if self.best_scores else None
+
+
+def _prepare(
+    samples: Sequence[AnySample],
+    labels: Sequence[str],
+    config: TrainConfig,
+    progress: Callable[[Progress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> _Run:
+    """Seed, build the network, loss and optimiser, split the samples and make the crop loader."""
     if not samples:
         raise ValueError("no usable training samples")
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    n_classes = len(labels) + 1
-    network_config = NetworkConfig(n_classes=n_classes, channels=tuple(config.channels))
+    network_config = NetworkConfig(n_classes=len(labels) + 1, channels=tuple(config.channels))
     network = build_network(network_config).to(device)
     loss_fn = build_loss(config.loss)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
 
     train_samples, val_samples = split_samples(samples, config.val_fraction, config.seed)
     validated_on = "held_out" if val_samples else "training"
-    if not val_samples:
-        val_samples = train_samples
     # Crops never larger than the largest image (rounded up to the network's multiple): small
     # images would otherwise be padded into mostly repeated pixels, at 16x the cost.
     largest = max(max(s.shape) for s in train_samples)
@@ -174,63 +229,74 @@ def fit(
         seed=config.seed,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0)
-
     if not config.minutes > 0:
         raise ValueError(f"the training budget must be positive, got {config.minutes} minutes (TRAIN_MINUTES)")
-    budget_s = config.minutes * 60.0
-    started = time.monotonic()
-    best_state, best_scores, best_epoch = None, None, 0
-    step, epoch, last_loss = 0, 0, float("nan")
+    return _Run(
+        config=config, device=device, network_config=network_config, network=network,
+        loss_fn=loss_fn, optimizer=optimizer, loader=loader,
+        train_samples=train_samples, val_samples=val_samples or train_samples, validated_on=validated_on,
+        crop_size=crop_size, budget_s=config.minutes * 60.0, progress=progress, should_stop=should_stop,
+        started=time.monotonic(),
+    )
 
-    def out_of_time() -> bool:
-        return time.monotonic() - started >= budget_s or bool(should_stop and should_stop())
 
-    while config.max_epochs is None or epoch < config.max_epochs:
-        epoch += 1
-        network.train()
-        for images, masks in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config.learning_rate, (time.monotonic() - started) / budget_s)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(network(images.to(device)), masks.to(device))
-            loss.backward()
-            optimizer.step()
-            step += 1
-            last_loss = float(loss.detach())
-            if progress:
-                progress(Progress(epoch, step, last_loss, time.monotonic() - started, budget_s,
-                                  best_val_score=best_scores["mean_dice"] if best_scores else None))
-            if out_of_time():
-                break
-        scores = evaluate(network, val_samples, n_classes, device, network_config.size_multiple)
-        if best_scores is None or scores["mean_dice"] >= best_scores["mean_dice"]:
-            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-            best_scores, best_epoch = scores, epoch
-        log.info("epoch %d step %d loss %.4f val mean dice %.4f", epoch, step, last_loss, scores["mean_dice"])
-        if progress:
-            progress(Progress(epoch, step, last_loss, time.monotonic() - started, budget_s,
-                              val_score=scores["mean_dice"], best_val_score=best_scores["mean_dice"], validated=True))
-        if out_of_time():
+def _train_epoch(run: _Run) -> None:
+    """One pass over the crop loader (cut short when the time is up), reporting every step."""
+    run.epoch += 1
+    run.network.train()
+    for images, masks in run.loader:
+        for group in run.optimizer.param_groups:
+            group["lr"] = _learning_rate(run.config.learning_rate, run.elapsed_s() / run.budget_s)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = run.loss_fn(run.network(images.to(run.device)), masks.to(run.device))
+        loss.backward()
+        run.optimizer.step()
+        run.step += 1
+        run.last_loss = float(loss.detach())
+        if run.progress:
+            run.progress(Progress(run.epoch, run.step, run.last_loss, run.elapsed_s(), run.budget_s,
+                                  best_val_score=run.best_val_score()))
+        if run.out_of_time():
             break
 
+
+def _score_epoch(run: _Run) -> None:
+    """Validate the epoch's weights on whole images; keep them when they score best so far."""
+    n_classes = run.network_config.n_classes
+    scores = evaluate(run.network, run.val_samples, n_classes, run.device, run.network_config.size_multiple)
+    if run.best_scores is None or scores["mean_dice"] >= run.best_scores["mean_dice"]:
+        run.best_state = {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()}
+        run.best_scores, run.best_epoch = scores, run.epoch
+    log.info("epoch %d step %d loss %.4f val mean dice %.4f", run.epoch, run.step, run.last_loss, scores["mean_dice"])
+    if run.progress:
+        run.progress(Progress(run.epoch, run.step, run.last_loss, run.elapsed_s(), run.budget_s,
+                              val_score=scores["mean_dice"], best_val_score=run.best_val_score(), validated=True))
+
+
+def _result(run: _Run, labels: Sequence[str]) -> TrainedNetwork:
+    """The best weights and the run's metrics (what a version's metrics.json records)."""
+    best = run.best_scores
+    if best is None or run.best_state is None:
+        raise ValueError(f"no epoch was trained (max_epochs={run.config.max_epochs})")
+    held_out = run.validated_on == "held_out"
     metrics = {
-        "val_dice": dict(zip(labels, best_scores["dice"])),
-        "val_iou": dict(zip(labels, best_scores["iou"])),
-        "val_mean_dice": best_scores["mean_dice"],
-        "val_mean_iou": best_scores["mean_iou"],
-        "validated_on": validated_on,
-        "n_train": len(train_samples),
-        "n_val": len(val_samples) if validated_on == "held_out" else 0,
-        "train_names": [s.name for s in train_samples],
-        "val_names": [s.name for s in val_samples] if validated_on == "held_out" else [],
-        "crop_size": crop_size,
-        "best_epoch": best_epoch,
-        "epochs": epoch,
-        "steps": step,
-        "final_loss": last_loss,
-        "train_seconds": round(time.monotonic() - started, 2),
+        "val_dice": dict(zip(labels, best["dice"])),
+        "val_iou": dict(zip(labels, best["iou"])),
+        "val_mean_dice": best["mean_dice"],
+        "val_mean_iou": best["mean_iou"],
+        "validated_on": run.validated_on,
+        "n_train": len(run.train_samples),
+        "n_val": len(run.val_samples) if held_out else 0,
+        "train_names": [s.name for s in run.train_samples],
+        "val_names": [s.name for s in run.val_samples] if held_out else [],
+        "crop_size": run.crop_size,
+        "best_epoch": run.best_epoch,
+        "epochs": run.epoch,
+        "steps": run.step,
+        "final_loss": run.last_loss,
+        "train_seconds": round(run.elapsed_s(), 2),
     }
-    return TrainedNetwork(state_dict=best_state, network=network_config, metrics=metrics)
+    return TrainedNetwork(state_dict=run.best_state, network=run.network_config, metrics=metrics)
 
 
 def train(

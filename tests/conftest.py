@@ -1,4 +1,4 @@
-"""Fixtures shared by every test suite."""
+"""Fixtures shared by every test suite (helpers shared by the suites live in tests/support)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,3 +15,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "dsb2018" / "images").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (the shared/ folder beside the checkout)")
     return SHARED_DATA
+
+
+def one_torch_thread_while():
+    """One torch thread while the fixture lives: on a 2-core machine shared with other tests, more
+    threads only contend (two can be 30x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+one_thread = pytest.fixture(one_torch_thread_while, name="one_thread")

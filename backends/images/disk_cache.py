@@ -40,9 +40,9 @@ class ImageCache:
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, least recent first
         self._total = 0
-        self.hits = 0
+        self.hits = 0  # lookups served from disk
         self.misses = 0
-        self.evictions = 0
+        self.evictions = 0  # entries removed to stay under capacity_bytes
         if self.enabled and self.directory.is_dir():  # the directory itself is made on the first put
             self._load_index()
 
@@ -56,18 +56,6 @@ class ImageCache:
 
     def __len__(self) -> int:
         return len(self._sizes)
-
-    def stats(self) -> dict[str, int]:
-        """Counters for /metrics: hits, misses, evictions, bytes and entries held, capacity."""
-        with self._lock:
-            return {
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-                "bytes": self._total,
-                "entries": len(self._sizes),
-                "capacity_bytes": self.capacity_bytes,
-            }
 
     def get(self, identity: str) -> bytes | None:
         """The bytes stored for `identity`, or None (and the entry counts as used most recently)."""

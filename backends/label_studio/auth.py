@@ -52,7 +52,7 @@ def _jwt_payload(token: str) -> dict | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _strip_scheme(api_key: str) -> str:
+def strip_key_scheme(api_key: str) -> str:
     """Accept keys pasted with their header scheme ("Token abc", "Bearer eyJ...")."""
     key = api_key.strip()
     for prefix in ("Token ", "Bearer "):
@@ -80,7 +80,7 @@ class LabelStudioAuth:
     ):
         self.url = url.rstrip("/")
         self._shown_url = display_origin(self.url)  # for messages: never the URL's user:password
-        self._api_key = _strip_scheme(api_key)
+        self._api_key = strip_key_scheme(api_key)
         self._timeout_s = timeout_s
         self._clock = clock
         if session is None:
@@ -96,7 +96,7 @@ class LabelStudioAuth:
     @staticmethod
     def is_personal_access_token(api_key: str) -> bool:
         """True when `api_key` is a JWT (a PAT), False for a legacy token."""
-        payload = _jwt_payload(_strip_scheme(api_key))
+        payload = _jwt_payload(strip_key_scheme(api_key))
         return payload is not None
 
     def headers(self) -> dict[str, str]:

@@ -76,46 +76,35 @@ class LabelConfig:
     images: Mapping[str, str]
     controls: tuple[ControlTag, ...]
 
-    def control(self, name: str) -> ControlTag | None:
-        return self._by_name.get(name)
+    def output_images(self) -> tuple[str, ...]:
+        """Names of the Image tags a brush or polygon tag draws on, in document order."""
+        return self._output_images
 
     @functools.cached_property
-    def _by_name(self) -> dict[str, ControlTag]:
-        by_name: dict[str, ControlTag] = {}
-        for tag in self.controls:
-            by_name.setdefault(tag.name, tag)  # the first of a name, as a scan would find
-        return by_name
+    def _output_images(self) -> tuple[str, ...]:
+        drawn_on = {name for tag in self._output_tags for name in tag.to_names}
+        return tuple(name for name in self.images if name in drawn_on)
 
-    def brush_for(self, to_name: str) -> ControlTag | None:
-        """The BrushLabels (else Brush) tag drawing on Image `to_name`, or None."""
-        return self._first(BRUSH_TYPES, to_name)
+    def primary_image(self) -> str | None:
+        """The first output image (see `output_images`): the one a whole-task prediction segments."""
+        return next(iter(self._output_images), None)
 
-    def polygon_for(self, to_name: str) -> ControlTag | None:
-        """The PolygonLabels (else Polygon) tag drawing on Image `to_name`, or None."""
-        return self._first(POLYGON_TYPES, to_name)
-
-    def prompt_tags(self) -> tuple[ControlTag, ...]:
-        """RectangleLabels / KeyPointLabels (and Rectangle / KeyPoint) tags on an Image."""
+    def output_tags(self, image: str, label: str | None = None) -> tuple[ControlTag, ...]:
+        """Brush and polygon tags drawing on Image `image` (only those with `label`, when given),
+        in document order: the tags a mask of that image is read from and written to."""
         return tuple(
-            tag for tag in self.controls
-            if tag.type in PROMPT_TYPES and any(name in self.images for name in tag.to_names)
+            tag for tag in self._output_tags
+            if tag.targets(image) and (label is None or label in tag.labels)
         )
-
-    def output_tags(self) -> tuple[ControlTag, ...]:
-        """Brush and polygon tags on an Image, in document order."""
-        return self._output_tags
 
     @functools.cached_property
     def _output_tags(self) -> tuple[ControlTag, ...]:
+        """Brush and polygon tags on any Image, in document order."""
         return tuple(
             tag for tag in self.controls
             if tag.type in BRUSH_TYPES + POLYGON_TYPES
             and any(name in self.images for name in tag.to_names)
         )
-
-    def output_image(self) -> str | None:
-        """The first Image tag an output tag draws on (not merely its first toName), or None."""
-        return next((name for tag in self.output_tags() for name in tag.to_names if name in self.images), None)
 
     def output_labels(self) -> tuple[str, ...]:
         """Ordered union of the brush and polygon tags' labels: the segmentation label map order.
@@ -127,33 +116,9 @@ class LabelConfig:
     @functools.cached_property
     def _output_labels(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
-        for tag in self.output_tags():
+        for tag in self._output_tags:
             seen.update(dict.fromkeys(tag.labels))
         return tuple(seen)
-
-    def output_for_prompt(self, prompt_tag_name: str, label: str) -> tuple[ControlTag, str]:
-        """The brush tag on the prompt's image that has `label`, and that label.
-
-        Raises BadRequest when the prompt tag is unknown or no brush tag on its image has the label.
-        """
-        prompt = self.control(prompt_tag_name)
-        if prompt is None:
-            raise BadRequest(f"the label config has no tag named '{prompt_tag_name}'")
-        for to_name in prompt.to_names:
-            for tag in self.controls:
-                if tag.type in BRUSH_TYPES and tag.targets(to_name) and label in tag.labels:
-                    return tag, label
-        raise BadRequest(
-            f"no BrushLabels tag on image '{prompt.to_name}' has the label '{label}' "
-            f"(prompt tag '{prompt_tag_name}')"
-        )
-
-    def _first(self, types: tuple[str, ...], to_name: str) -> ControlTag | None:
-        for kind in types:
-            for tag in self.controls:
-                if tag.type == kind and tag.targets(to_name):
-                    return tag
-        return None
 
 
 def parse_label_config(
@@ -315,7 +280,7 @@ def require_segmentation_output(config: LabelConfig) -> None:
                 f"the {tag.type} tag '{tag.name}' has toName '{', '.join(strays)}', which is not an <Image> "
                 f"tag with a $variable value (images: {', '.join(config.images)})"
             )
-    tags = config.output_tags()
+    tags = config._output_tags
     if not tags:
         raise LabelConfigError(
             "the label config has no BrushLabels or PolygonLabels tag bound to an <Image> "

@@ -14,7 +14,7 @@ import numpy as np
 
 from backends.masks.coords import check_image_size, percent_to_pixels, pixels_to_percent
 from backends.errors import BackendError, BadRequest
-from backends.label_studio.label_config import ControlTag
+from backends.label_studio.label_config import BRUSH_TYPES, ControlTag
 from backends.masks.polygons import DEFAULT_MAX_VERTICES, check_vertex_count, mask_to_polygons, polygon_to_crop
 from backends.masks.rle import decode_rle, encode_rle
 
@@ -31,19 +31,16 @@ def brush_region(
     mask: np.ndarray,
     label: str,
     tag: ControlTag,
-    width: int,
-    height: int,
     score: float | None = None,
-    image_rotation: int = 0,
     to_name: str | None = None,
 ) -> dict:
     """A `brushlabels` result region for an HxW bool mask of the original image.
 
-    width, height: original_width, original_height (must equal the mask's W, H).
-    to_name: the Image tag the region is on (default: the tag's first toName).
+    original_width / original_height are the mask's W / H. to_name: the Image tag the region is
+    on (default: the tag's first toName).
     """
-    _check_mask(mask, width, height)
-    region = _region_base(tag, "brushlabels", width, height, image_rotation, to_name)
+    height, width = _mask_size(mask)
+    region = _region_base(tag, "brushlabels", width, height, to_name)
     region["value"] = {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}
     if score is not None:
         region["score"] = float(score)
@@ -54,21 +51,18 @@ def polygon_regions(
     mask: np.ndarray,
     label: str,
     tag: ControlTag,
-    width: int,
-    height: int,
     score: float | None = None,
     tolerance: float = 1.0,
-    image_rotation: int = 0,
     to_name: str | None = None,
 ) -> list[dict]:
     """`polygonlabels` regions for an HxW bool mask: one per connected component, holes bridged.
 
-    Points are [x%, y%] of width / height (see backends.masks.polygons for the outline geometry).
+    Points are [x%, y%] of the mask's W / H (see backends.masks.polygons for the outline geometry).
     """
-    _check_mask(mask, width, height)
+    height, width = _mask_size(mask)
     regions = []
     for polygon in mask_to_polygons(mask, tolerance=tolerance):
-        region = _region_base(tag, "polygonlabels", width, height, image_rotation, to_name)
+        region = _region_base(tag, "polygonlabels", width, height, to_name)
         region["value"] = {
             "points": pixels_to_percent(polygon, width, height).tolist(),
             "polygonlabels": [label],
@@ -78,6 +72,22 @@ def polygon_regions(
             region["score"] = float(score)
         regions.append(region)
     return regions
+
+
+def mask_regions(
+    mask: np.ndarray,
+    label: str,
+    tag: ControlTag,
+    score: float | None = None,
+    to_name: str | None = None,
+    tolerance: float = 1.0,
+) -> list[dict]:
+    """The result regions of an HxW bool mask in `tag`'s kind: one `brushlabels` region for a brush
+    tag, `polygonlabels` regions (one per component, simplified within `tolerance` pixels) for a
+    polygon tag."""
+    if tag.type in BRUSH_TYPES:
+        return [brush_region(mask, label, tag, score, to_name=to_name)]
+    return polygon_regions(mask, label, tag, score, tolerance=tolerance, to_name=to_name)
 
 
 def results_to_class_mask(
@@ -184,25 +194,24 @@ def _region_crop(region: Mapping, value: Mapping, kind: str, height: int, width:
     return polygon_to_crop(xy, height, width, max_polygon_vertices)
 
 
-def _check_mask(mask: np.ndarray, width: int, height: int) -> None:
-    check_image_size(width, height)
+def _mask_size(mask: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an HxW mask; BadRequest for any other shape or an empty side."""
     shape = np.shape(mask)
-    if shape != (height, width):
-        raise BadRequest(f"mask shape {shape} does not match the image (height {height}, width {width})")
+    if len(shape) != 2:
+        raise BadRequest(f"a mask must be HxW (height, width), got shape {shape}")
+    height, width = int(shape[0]), int(shape[1])
+    check_image_size(width, height)
+    return height, width
 
 
-def _region_base(tag: ControlTag, kind: str, width: int, height: int, image_rotation: int,
-                 to_name: str | None) -> dict:
-    if image_rotation % 360:
-        raise BadRequest(
-            f"image_rotation {image_rotation} is not supported: rotate the image back to 0 degrees"
-        )
+def _region_base(tag: ControlTag, kind: str, width: int, height: int, to_name: str | None) -> dict:
+    """The fields every result region has; regions are drawn on the unrotated image."""
     return {
         "id": region_id(),
         "from_name": tag.name,
         "to_name": to_name or tag.to_name,
         "type": kind,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": int(image_rotation),
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
     }

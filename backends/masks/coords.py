@@ -108,18 +108,6 @@ def percent_to_pixels(points: np.ndarray, width: int, height: int) -> np.ndarray
     return xy * (np.array([width, height], dtype=np.float64) / 100.0)
 
 
-def validate_box(box: tuple[float, float, float, float], width: int, height: int) -> None:
-    """BadRequest unless the XYXY pixel box is finite, has area and overlaps the image."""
-    check_image_size(width, height)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise BadRequest(f"box {box} has non-finite coordinates")
-    if x1 <= x0 or y1 <= y0:
-        raise BadRequest(f"box {box} has no area")
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise BadRequest(f"box {box} lies outside the {width}x{height} image")
-
-
 def _as_points(points: np.ndarray) -> np.ndarray:
     try:
         xy = np.asarray(points, dtype=np.float64)

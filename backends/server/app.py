@@ -5,6 +5,11 @@
 with `params.context`), `POST /webhook` (1 s: answered at once, `fit` runs in the background),
 `GET /versions`, plus `GET /metrics` (Prometheus text).
 
+`BackendServer` holds what lives as long as the process (FastAPI's lifespan pattern): the runtime
+(settings, image fetcher, the Label Studio client, metrics, background work), the service the
+model's `startup` returned, one model instance per project, the Label Studio probe and telemetry.
+It has one method per route; the routes in `create_app` only declare the HTTP shapes and call it.
+
 Around every request (backends/server/guard.py): metrics and one log line (never the body, which
 holds tokens and masks), optional basic auth, the body size cap, and error answers
 `{"error": "<what was wrong>"}`; the server keeps serving after any of them. The wire format
@@ -25,9 +30,10 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from backends.errors import BadRequest, TooManyRequests
-from backends.server.guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
+from backends.label_studio.client import LabelStudioClient
 from backends.metrics import Metrics
-from backends.server.model_base import BackendContext, LabelStudioMLBase
+from backends.server.guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
+from backends.server.model_base import BackendRuntime, BackendService, LabelStudioMLBase
 from backends.server.protocol import (
     ERROR_RESPONSES,
     HealthResponse,
@@ -42,26 +48,27 @@ from backends.server.protocol import (
     predictions_of,
     project_id_of,
 )
-from backends.settings import Settings
 from backends.server.work_queue import BoundedExecutor, QueueFull
+from backends.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BACKGROUND_WORKERS = 4
+HEALTH_THREADS = 4  # /health gets its own threads: slow predictions must not starve it
 
 
 # -- Label Studio reachability, for /health ---------------------------------------------------
 
 
-class _LabelStudioProbe:
+class LabelStudioProbe:
     """Whether Label Studio answers, re-checked in a background thread at most every `ttl_s`.
 
     `/health` must answer within Label Studio's 1 s timeout, so it reads the last result and never
-    waits for a probe (a down host can take the fetcher's whole timeout to fail).
+    waits for a probe (a down host can take the client's whole timeout to fail).
     """
 
-    def __init__(self, images: Any, ttl_s: float = 5.0):
-        self._images = images
+    def __init__(self, label_studio: LabelStudioClient, ttl_s: float = 5.0):
+        self._label_studio = label_studio
         self._ttl_s = ttl_s
         self._lock = threading.Lock()
         self._result: bool | None = None
@@ -69,12 +76,9 @@ class _LabelStudioProbe:
         self._checked_at = float("-inf")
         self._running = False
 
-    def url(self) -> str:
-        return getattr(self._images, "label_studio_url", "") or ""
-
     def reachable(self) -> bool | None:
         """True/False from the latest probe of the current URL; None when not configured or not probed yet."""
-        url = self.url()
+        url = self._label_studio.url
         if not url:
             return None
         with self._lock:
@@ -86,7 +90,7 @@ class _LabelStudioProbe:
 
     def _probe(self, url: str) -> None:
         try:
-            result = bool(self._images.check_label_studio())
+            result = bool(self._label_studio.health())
         except Exception:
             log.warning("Label Studio probe of %s failed", url, exc_info=True)
             result = False
@@ -105,17 +109,24 @@ class ModelInstances:
 
     At most `max_projects` (MAX_PROJECTS) are kept, least recently used first out: project ids
     come from any client, so each new one must not add memory, /health and /metrics entries for
-    good. Evicting drops the instance (its parsed config), its `get`/`set` values and calls
-    `model_class.forget_project`; a project the model says is busy (training) is kept meanwhile.
+    good. Evicting drops the instance (its parsed config), its `get`/`set` values and calls the
+    service's `forget_project`; a project the service says is busy (training) is kept meanwhile.
     """
 
     CREATION_LOCKS = 64  # striped: a lock per project id would itself grow without bound
 
-    def __init__(self, model_class: type[LabelStudioMLBase], context: BackendContext, max_projects: int = 32):
+    def __init__(
+        self,
+        model_class: type[LabelStudioMLBase],
+        runtime: BackendRuntime,
+        service: BackendService,
+        max_projects: int = 32,
+    ):
         self._model_class = model_class
-        self._context = context
+        self._runtime = runtime
+        self._service = service
         self.max_projects = max_projects
-        self._evicted = context.metrics.counter(
+        self._evicted = runtime.metrics.counter(
             "projects_evicted", "Projects dropped from memory to stay within MAX_PROJECTS"
         )
         self._instances: collections.OrderedDict[str, LabelStudioMLBase] = collections.OrderedDict()
@@ -125,17 +136,19 @@ class ModelInstances:
     def get(self, project_id: str, label_config: str | None) -> LabelStudioMLBase:
         with self._lock:
             instance = self._instances.get(project_id)
-            if self._usable(instance, label_config):
+            if instance is not None and self._usable(instance, label_config):
                 self._instances.move_to_end(project_id)
                 return instance
         with self._creation_locks[hash(project_id) % self.CREATION_LOCKS]:
             with self._lock:
                 instance = self._instances.get(project_id)
-            if self._usable(instance, label_config):  # built by a concurrent request meanwhile
+            if instance is not None and self._usable(instance, label_config):  # built concurrently meanwhile
                 return instance
             if instance is not None and label_config is None:
                 label_config = instance.label_config
-            fresh = self._model_class(project_id=project_id, label_config=label_config, context=self._context)
+            fresh = self._model_class(
+                project_id=project_id, label_config=label_config, runtime=self._runtime, service=self._service
+            )
             if label_config:
                 fresh.validate_label_config()
             fresh.setup()
@@ -163,7 +176,7 @@ class ModelInstances:
         for project_id in list(self._instances):
             if excess <= 0:
                 break
-            if project_id == keep or self._model_class.project_busy(project_id):
+            if project_id == keep or self._service.project_busy(project_id):
                 continue
             del self._instances[project_id]
             evicted.append(project_id)
@@ -171,18 +184,174 @@ class ModelInstances:
         return evicted
 
     def _forget(self, project_id: str) -> None:
-        self._context.store.forget(project_id)
+        self._runtime.store.forget(project_id)
         try:
-            self._model_class.forget_project(project_id)
+            self._service.forget_project(project_id)
         except Exception:  # eviction must not fail the request that caused it
-            log.exception("%s.forget_project(%s) failed", self._model_class.__name__, project_id)
+            log.exception("%s.forget_project(%s) failed", type(self._service).__name__, project_id)
         self._evicted.inc()
         log.info("project %s evicted: more than %d projects in memory (MAX_PROJECTS)", project_id or "-",
                  self.max_projects)
 
     @staticmethod
-    def _usable(instance: LabelStudioMLBase | None, label_config: str | None) -> bool:
-        return instance is not None and (label_config is None or label_config == instance.label_config)
+    def _usable(instance: LabelStudioMLBase, label_config: str | None) -> bool:
+        return label_config is None or label_config == instance.label_config
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+class BackendServer:
+    """One backend process: what lives as long as it does, and what each route does with it.
+
+    `images` defaults to `ImageFetcher(settings, label_studio)`, `label_studio` to
+    `LabelStudioClient(settings)` (one client for downloads, training, the probe and /setup),
+    `metrics` to a fresh registry. Runs `model_class.startup(runtime)` and holds the service it returns.
+    """
+
+    def __init__(
+        self,
+        model_class: type[LabelStudioMLBase],
+        settings: Settings,
+        *,
+        images: Any = None,
+        label_studio: LabelStudioClient | None = None,
+        metrics: Metrics | None = None,
+    ):
+        settings.validate()  # refuse half-configured basic auth and the like before serving anything
+        label_studio = label_studio if label_studio is not None else LabelStudioClient(settings)
+        if images is None:
+            from backends.images.fetcher import ImageFetcher
+
+            images = ImageFetcher(settings, label_studio)
+        metrics = metrics if metrics is not None else Metrics()
+        self.model_class = model_class
+        self.settings = settings
+        self.runtime = BackendRuntime(
+            settings=settings,
+            images=images,
+            label_studio=label_studio,
+            metrics=metrics,
+            background=BoundedExecutor(BACKGROUND_WORKERS, settings.background_queue_max, name="background"),
+        )
+        self.telemetry = Telemetry(metrics)
+        self.service = model_class.startup(self.runtime)
+        self.instances = ModelInstances(model_class, self.runtime, self.service, settings.max_projects)
+        self.probe = LabelStudioProbe(label_studio)
+        self.probe.reachable()  # first probe starts now, so the first /health already knows
+
+    def shutdown(self) -> None:
+        """The process is stopping: long fits check `stopping` and stop early; queued work is dropped."""
+        self.runtime.stopping.set()
+        self.runtime.background.shutdown(wait=False, cancel_futures=True)
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        """GET /health: UP, or DEGRADED when Label Studio does not answer or the service says so."""
+        report: dict[str, Any] = {"status": "UP", "model_class": self.model_class.__name__}
+        reachable = self.probe.reachable()
+        if reachable is not None:
+            report["label_studio"] = "reachable" if reachable else "unreachable"
+            if not reachable:
+                report["status"] = "DEGRADED"
+        try:
+            extra = dict(self.service.health())
+        except Exception:
+            log.exception("%s.health() failed", type(self.service).__name__)
+            extra = {"status": "DEGRADED", "health_error": "the model's health check failed; see the log"}
+        if extra.pop("status", "UP") != "UP":
+            report["status"] = "DEGRADED"
+        report.update(extra)
+        # where the Label Studio URL comes from, /setup values refused
+        report["label_studio_setup"] = self.runtime.label_studio.setup_report()
+        return redact_answer(report)  # like log lines: no token or URL password in an answer
+
+    def setup(self, body: SetupRequest) -> dict:
+        """POST /setup: take Label Studio's hostname and token (as far as trusted), ready the project."""
+        self.runtime.label_studio.configure(hostname=body.hostname or None, access_token=body.access_token or None)
+        model = self.instances.get(project_id_of(body.project), body.label_config)
+        if body.extra_params:
+            model.set("extra_params", body.extra_params)
+        return {"model_version": model.model_version}
+
+    def predict(self, body: PredictRequest) -> Response:
+        """POST /predict: one prediction per task, interactive when `params.context` is set."""
+        model = self.instances.get(project_id_of(body.project), body.label_config)
+        prompts, params = predict_arguments(body.params)
+        response = model.predict(body.tasks, context=prompts, **params)
+        results = predictions_of(response, model.model_version)
+        for result in results:  # a per-task error message is redacted like any error answer
+            if isinstance(result, dict) and isinstance(result.get("error"), str):
+                result["error"] = redact_answer(result["error"])
+        # An empty list is a deliberate "nothing yet" (e.g. SAM prewarming); a partial one is a bug.
+        if results and len(results) != len(body.tasks):
+            log.warning(
+                "%s returned %d predictions for %d tasks", self.model_class.__name__, len(results), len(body.tasks)
+            )
+        self.telemetry.predictions.labels("interactive" if prompts else "batch").inc(len(body.tasks))
+        # Rendered here, not by FastAPI's encoder: models may return NumPy numbers and arrays.
+        return JSONAnswer({"results": results})
+
+    def webhook(self, body: WebhookRequest) -> dict:
+        """POST /webhook: TRAIN_EVENTS go to the project's `fit`, in the request when the model says
+        fit only queues (FIT_IN_REQUEST), else on a background worker (429 when that queue is full)."""
+        model_class = self.model_class
+        if body.action not in model_class.TRAIN_EVENTS:
+            return {"status": "ignored", "reason": f"{model_class.__name__} does not handle {body.action}"}
+        if body.project is None:
+            raise BadRequest(f"webhook {body.action} has no project")
+        project_id = project_id_of(body.project)
+        label_config = body.project.get("label_config") if isinstance(body.project, dict) else None
+        data = body.model_dump()
+        data.pop("action")
+        if model_class.FIT_IN_REQUEST:  # fit only queues its own bounded work: answer with what it did
+            result = self._fit_counted(body.action, project_id, label_config, data)
+            details = {key: value for key, value in (result or {}).items() if key != "status"}
+            return {**details, "status": "ok"}
+        try:
+            self.runtime.background.submit(self._fit_in_background, body.action, project_id, label_config, data)
+        except QueueFull as full:
+            self.telemetry.webhooks.labels(body.action, "refused").inc()
+            raise TooManyRequests(
+                f"too much background work: {full.running} webhook or prewarm jobs running and {full.waiting} "
+                f"waiting (BACKGROUND_QUEUE_MAX={self.settings.background_queue_max}); {body.action} for project "
+                f"{project_id or '-'} was not queued, send it again later"
+            ) from None
+        return {"status": "ok"}
+
+    def versions(self) -> dict:
+        """GET /versions."""
+        return {"versions": self.service.versions()}
+
+    def metrics_text(self) -> Response:
+        """GET /metrics: Prometheus text."""
+        payload, content_type = self.runtime.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    # -- fit ---------------------------------------------------------------------------------
+
+    def _fit_counted(self, action: str, project_id: str, label_config: str | None, data: dict) -> Any:
+        """The project's instance runs `fit`; the outcome is counted in webhook_jobs_total."""
+        webhooks = self.telemetry.webhooks
+        try:
+            model = self.instances.get(project_id, label_config)
+            result = model.fit(action, data)
+        except TooManyRequests:
+            webhooks.labels(action, "refused").inc()
+            raise
+        except Exception:
+            webhooks.labels(action, "error").inc()
+            raise
+        webhooks.labels(action, "ok").inc()
+        return result
+
+    def _fit_in_background(self, action: str, project_id: str, label_config: str | None, data: dict) -> None:
+        try:
+            self._fit_counted(action, project_id, label_config, data)
+        except Exception as error:
+            log.exception("%s for project %s failed in the background", action, project_id or "-")
+            self.telemetry.error("/webhook", type(error).__name__)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -193,39 +362,21 @@ def create_app(
     settings: Settings,
     *,
     images: Any = None,
+    label_studio: LabelStudioClient | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model_class` over Label Studio's ML-backend protocol.
 
-    `images` defaults to `backends.images.fetcher.ImageFetcher(settings)`; `metrics` to a fresh registry.
-    Calls `model_class.startup(context)` before returning. `app.state.context` and
-    `app.state.instances` give tests and tools access to the machinery.
+    Builds a `BackendServer` (which runs `model_class.startup`; see it for the defaults) and routes
+    to it. `app.state.server` gives tests and tools its runtime, service and instances.
     """
-    settings.validate()  # refuse half-configured basic auth and the like before serving anything
-    if images is None:
-        from backends.images.fetcher import ImageFetcher
-
-        images = ImageFetcher(settings)
-    metrics = metrics if metrics is not None else Metrics()
-    context = BackendContext(
-        settings=settings,
-        images=images,
-        metrics=metrics,
-        background=BoundedExecutor(BACKGROUND_WORKERS, settings.background_queue_max, name="background"),
-    )
-    telemetry = Telemetry(metrics)
-    model_class.startup(context)
-    instances = ModelInstances(model_class, context, settings.max_projects)
-    probe = _LabelStudioProbe(images)
-    probe.reachable()  # first probe starts now, so the first /health already knows
-    # Health checks get their own threads: slow predictions must not starve them.
-    health_limiter = anyio.CapacityLimiter(4)
+    server = BackendServer(model_class, settings, images=images, label_studio=label_studio, metrics=metrics)
+    health_limiter = anyio.CapacityLimiter(HEALTH_THREADS)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        context.stopping.set()  # long fits check it and stop early
-        context.background.shutdown(wait=False, cancel_futures=True)
+        server.shutdown()
 
     app = FastAPI(
         title=f"{model_class.__name__} ML backend",
@@ -233,31 +384,9 @@ def create_app(
         default_response_class=JSONAnswer,
         lifespan=lifespan,
     )
-    app.state.context = context
-    app.state.instances = instances
-    app.state.model_class = model_class
-    install_error_handlers(app, telemetry)
-    app.add_middleware(RequestGuard, settings=settings, telemetry=telemetry)
-
-    def health_report() -> dict:
-        report: dict[str, Any] = {"status": "UP", "model_class": model_class.__name__}
-        reachable = probe.reachable()
-        if reachable is not None:
-            report["label_studio"] = "reachable" if reachable else "unreachable"
-            if not reachable:
-                report["status"] = "DEGRADED"
-        try:
-            extra = dict(model_class.health())
-        except Exception:
-            log.exception("%s.health() failed", model_class.__name__)
-            extra = {"status": "DEGRADED", "health_error": "the model's health check failed; see the log"}
-        if extra.pop("status", "UP") != "UP":
-            report["status"] = "DEGRADED"
-        report.update(extra)
-        setup_report = getattr(images, "setup_report", None)
-        if setup_report is not None:  # where the Label Studio URL comes from, /setup values refused
-            report["label_studio_setup"] = setup_report()
-        return redact_answer(report)  # like log lines: no token or URL password in an answer
+    app.state.server = server
+    install_error_handlers(app, server.telemetry)
+    app.add_middleware(RequestGuard, settings=settings, telemetry=server.telemetry)
 
     @app.get(
         "/health",
@@ -267,7 +396,7 @@ def create_app(
     )
     @app.get("/", include_in_schema=False)
     async def health() -> dict:
-        return await anyio.to_thread.run_sync(health_report, limiter=health_limiter)
+        return await anyio.to_thread.run_sync(server.health, limiter=health_limiter)
 
     @app.post(
         "/setup",
@@ -276,11 +405,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     def setup(body: SetupRequest) -> dict:
-        images.configure(hostname=body.hostname or None, access_token=body.access_token or None)
-        model = instances.get(project_id_of(body.project), body.label_config)
-        if body.extra_params:
-            model.set("extra_params", body.extra_params)
-        return {"model_version": model.model_version}
+        return server.setup(body)
 
     @app.post(
         "/predict",
@@ -289,42 +414,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     def predict(body: PredictRequest) -> Response:
-        model = instances.get(project_id_of(body.project), body.label_config)
-        prompts, params = predict_arguments(body.params)
-        response = model.predict(body.tasks, context=prompts, **params)
-        results = predictions_of(response, model.model_version)
-        for result in results:  # a per-task error message is redacted like any error answer
-            if isinstance(result, dict) and isinstance(result.get("error"), str):
-                result["error"] = redact_answer(result["error"])
-        # An empty list is a deliberate "nothing yet" (e.g. SAM prewarming); a partial one is a bug.
-        if results and len(results) != len(body.tasks):
-            log.warning(
-                "%s returned %d predictions for %d tasks", model_class.__name__, len(results), len(body.tasks)
-            )
-        telemetry.predictions.labels("interactive" if prompts else "batch").inc(len(body.tasks))
-        # Rendered here, not by FastAPI's encoder: models may return NumPy numbers and arrays.
-        return JSONAnswer({"results": results})
-
-    def fit_counted(action: str, project_id: str, label_config: str | None, data: dict) -> Any:
-        """The project's instance runs `fit`; the outcome is counted in webhook_jobs_total."""
-        try:
-            model = instances.get(project_id, label_config)
-            result = model.fit(action, data)
-        except TooManyRequests:
-            telemetry.webhooks.labels(action, "refused").inc()
-            raise
-        except Exception:
-            telemetry.webhooks.labels(action, "error").inc()
-            raise
-        telemetry.webhooks.labels(action, "ok").inc()
-        return result
-
-    def fit_in_background(action: str, project_id: str, label_config: str | None, data: dict) -> None:
-        try:
-            fit_counted(action, project_id, label_config, data)
-        except Exception as error:
-            log.exception("%s for project %s failed in the background", action, project_id or "-")
-            telemetry.error("/webhook", type(error).__name__)
+        return server.predict(body)
 
     @app.post(
         "/webhook",
@@ -333,28 +423,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     def webhook(body: WebhookRequest) -> dict:
-        if body.action not in model_class.TRAIN_EVENTS:
-            return {"status": "ignored", "reason": f"{model_class.__name__} does not handle {body.action}"}
-        if body.project is None:
-            raise BadRequest(f"webhook {body.action} has no project")
-        project_id = project_id_of(body.project)
-        label_config = body.project.get("label_config") if isinstance(body.project, dict) else None
-        data = body.model_dump()
-        data.pop("action")
-        if model_class.FIT_IN_REQUEST:  # fit only queues its own bounded work: answer with what it did
-            result = fit_counted(body.action, project_id, label_config, data)
-            details = {key: value for key, value in (result or {}).items() if key != "status"}
-            return {**details, "status": "ok"}
-        try:
-            context.background.submit(fit_in_background, body.action, project_id, label_config, data)
-        except QueueFull as full:
-            telemetry.webhooks.labels(body.action, "refused").inc()
-            raise TooManyRequests(
-                f"too much background work: {full.running} webhook or prewarm jobs running and {full.waiting} "
-                f"waiting (BACKGROUND_QUEUE_MAX={settings.background_queue_max}); {body.action} for project "
-                f"{project_id or '-'} was not queued, send it again later"
-            ) from None
-        return {"status": "ok"}
+        return server.webhook(body)
 
     @app.get(
         "/versions",
@@ -363,7 +432,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     def versions() -> dict:
-        return {"versions": model_class.versions()}
+        return server.versions()
 
     @app.get(
         "/metrics",
@@ -375,7 +444,6 @@ def create_app(
         },
     )
     def metrics_text() -> Response:
-        payload, content_type = metrics.render()
-        return Response(payload, media_type=content_type)
+        return server.metrics_text()
 
     return app

@@ -2,21 +2,27 @@
 
 An upstream model ports by changing its imports: it overrides `setup()`, `predict(tasks, context,
 **kwargs)` (returning a `ModelResponse` or a list of per-task predictions) and optionally
-`fit(event, data, **kwargs)`, and keeps state with `get`/`set`. What upstream lacks and we add:
-`startup(context)`, run once per process to load what every project shares (engines, weights),
-and `health()` / `versions()`, whose results the server reports.
+`fit(event, data, **kwargs)`, and keeps state with `get`/`set`. What upstream lacks and we add,
+after FastAPI's lifespan pattern: `startup(runtime)` runs once per process and RETURNS the
+backend's `BackendService` (what every project shares: engines, caches, training queues, and the
+`health()` / `versions()` the server reports); the server holds it and hands it to every model
+instance (`self.service`), next to `self.runtime` (settings, images, the Label Studio client,
+metrics, background work). Nothing per process lives on a class.
 
 Lifecycle (see backends/server/app.py): one instance per Label Studio project, created at `/setup`
 (or at the first `/predict` or webhook for that project) and recreated when the project's label
 config changes; `setup()` runs once per instance, so it must be quick (Label Studio waits 3 s).
-At most MAX_PROJECTS projects are kept: the least recently used one that `project_busy` does not
-hold is evicted, its instance and `get`/`set` state dropped and `forget_project` called, so
+At most MAX_PROJECTS projects are kept: the least recently used one that the service's
+`project_busy` does not hold is evicted, its instance and `get`/`set` state dropped and the
+service's `forget_project` called, so
 project ids any client can invent cannot grow memory, /health or /metrics without bound.
+
+`self.runtime` is named so that it cannot be confused with Label Studio's `context` (the
+interactive prompt `predict` receives).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,8 +33,10 @@ from backends.settings import Settings
 
 if TYPE_CHECKING:
     from backends.images.fetcher import ImageFetcher
+    from backends.label_studio.client import LabelStudioClient
     from backends.label_studio.label_config import LabelConfig
     from backends.metrics import Metrics
+    from backends.server.work_queue import BoundedExecutor
 
 
 class ModelResponse(pydantic.BaseModel):
@@ -42,14 +50,6 @@ class ModelResponse(pydantic.BaseModel):
 
     model_version: str | None = None
     predictions: list[dict[str, Any]]
-
-    def update_predictions_version(self) -> None:
-        """Give every prediction without a `model_version` the response's version."""
-        if self.model_version is None:
-            return
-        for prediction in self.predictions:
-            if prediction.get("model_version") is None:
-                prediction["model_version"] = self.model_version
 
 
 class ProjectStore:
@@ -85,22 +85,54 @@ class ProjectStore:
 
 
 @dataclass
-class BackendContext:
-    """What a server hands to its models: configuration and the shared machinery."""
+class BackendRuntime:
+    """The server's machinery, the same for every backend: configuration, image fetching, the
+    Label Studio client, metrics and background work. Built by the server before `startup`."""
 
     settings: Settings
-    images: "ImageFetcher"
-    metrics: "Metrics"
-    #: Bounded background work (backends.server.work_queue.BoundedExecutor in a server): `submit` raises
-    #: QueueFull when BACKGROUND_QUEUE_MAX jobs already wait.
-    background: concurrent.futures.Executor
+    images: ImageFetcher
+    label_studio: LabelStudioClient
+    metrics: Metrics
+    #: Bounded background work: `submit` raises QueueFull when BACKGROUND_QUEUE_MAX jobs already wait.
+    background: BoundedExecutor
     store: ProjectStore = field(default_factory=ProjectStore)
     #: Set when the server shuts down: long background work (training) should stop early.
     stopping: threading.Event = field(default_factory=threading.Event)
 
 
+class BackendService:
+    """What one backend shares across its projects for the life of the process (engines, caches,
+    training queues), returned by `startup` and held by the server. The server asks it for /health
+    and /versions and whether a project may be evicted; subclass it to answer more. This base
+    serves a model with nothing to share: it reports `versions` as given."""
+
+    def __init__(self, versions: list[str] | None = None):
+        self._versions = list(versions or [])
+
+    def health(self) -> dict:
+        """Extra fields for GET /health (engine name, training state, ...)."""
+        return {}
+
+    def versions(self) -> list:
+        """Model versions listed by GET /versions."""
+        return list(self._versions)
+
+    def project_busy(self, project_id: str) -> bool:
+        """True while the project has work queued or running (a training run): the server does
+        not evict a busy project (MAX_PROJECTS)."""
+        return False
+
+    def forget_project(self, project_id: str) -> None:
+        """The server evicted the project (MAX_PROJECTS): drop what is kept for it (per-project
+        state, /health entries, metric series). It is rebuilt if the project returns."""
+
+
 class LabelStudioMLBase:
-    """Base class of a backend model; override `setup`, `predict` and optionally `fit`."""
+    """Base class of a backend model; override `setup`, `predict` and optionally `fit`.
+
+    Class attributes are configuration only (constants); per-process state lives in the service
+    `startup` returns, per-project state in `get`/`set`.
+    """
 
     #: Default version; `model_version` falls back to the class name when this is None.
     MODEL_VERSION: ClassVar[str | None] = None
@@ -122,21 +154,25 @@ class LabelStudioMLBase:
         self,
         project_id: str | None = None,
         label_config: str | None = None,
-        context: BackendContext | None = None,
+        runtime: BackendRuntime | None = None,
+        service: BackendService | None = None,
     ):
         self.project_id = None if project_id is None else str(project_id)
         self.label_config = label_config
-        self.context = context
+        self.runtime = runtime
+        self.service = service
         # Without a server (a model built by hand, e.g. in a test) state lives in the instance.
-        self._store = context.store if context is not None else ProjectStore()
+        self._store = runtime.store if runtime is not None else ProjectStore()
         self._values = self._store.values(self.project_id or "")
-        self._parsed_label_config: "LabelConfig | None" = None
+        self._parsed_label_config: LabelConfig | None = None
 
     # -- hooks for subclasses ----------------------------------------------------------------
 
     @classmethod
-    def startup(cls, context: BackendContext) -> None:
-        """Once per process, before serving: load the engines and weights all projects share."""
+    def startup(cls, runtime: BackendRuntime) -> BackendService:
+        """Once per process, before serving: load what all projects share (engines, weights) and
+        return it as the service the server holds and hands to every instance."""
+        return BackendService(versions=[cls.MODEL_VERSION or cls.__name__])
 
     def setup(self) -> None:
         """Once per project instance (keep it quick: Label Studio's /setup waits 3 s)."""
@@ -161,27 +197,6 @@ class LabelStudioMLBase:
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict | None:
         """Handle a webhook `event` (one of TRAIN_EVENTS); runs in the background."""
         return None
-
-    @classmethod
-    def health(cls) -> dict:
-        """Extra fields for GET /health (engine name, training state, ...)."""
-        return {}
-
-    @classmethod
-    def versions(cls) -> list:
-        """Model versions listed by GET /versions."""
-        return [cls.MODEL_VERSION or cls.__name__]
-
-    @classmethod
-    def project_busy(cls, project_id: str) -> bool:
-        """True while the project has work queued or running (a training run): the server does
-        not evict a busy project (MAX_PROJECTS)."""
-        return False
-
-    @classmethod
-    def forget_project(cls, project_id: str) -> None:
-        """The server evicted the project (MAX_PROJECTS): drop what the class keeps for it
-        (per-project state, /health entries, metric series). It is rebuilt if the project returns."""
 
     # -- state -------------------------------------------------------------------------------
 
@@ -209,7 +224,7 @@ class LabelStudioMLBase:
     # -- label config ------------------------------------------------------------------------
 
     @property
-    def parsed_label_config(self) -> "LabelConfig":
+    def parsed_label_config(self) -> LabelConfig:
         """The parsed `label_config` (raises LabelConfigError, a BadRequest, when unusable)."""
         if self._parsed_label_config is None:
             from backends.errors import BadRequest
@@ -217,11 +232,13 @@ class LabelStudioMLBase:
 
             if not self.label_config:
                 raise BadRequest("no label config: call /setup first or send label_config with /predict")
-            limits = {}
-            if self.context is not None:
-                settings = self.context.settings
-                limits = {"max_kb": settings.label_config_max_kb, "max_depth": settings.label_config_max_depth}
-            self._parsed_label_config = parse_label_config(self.label_config, **limits)
+            if self.runtime is None:  # a model built by hand: the default limits
+                self._parsed_label_config = parse_label_config(self.label_config)
+            else:
+                settings = self.runtime.settings
+                self._parsed_label_config = parse_label_config(
+                    self.label_config, max_kb=settings.label_config_max_kb, max_depth=settings.label_config_max_depth
+                )
         return self._parsed_label_config
 
     def use_label_config(self, label_config: str) -> None:

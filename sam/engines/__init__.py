@@ -39,28 +39,34 @@ from backends.settings import Settings
 log = logging.getLogger(__name__)
 
 
+Box = Sequence[float]  # [x0, y0, x1, y1] pixels of the original image
+Points = Sequence[Sequence[float]]  # [[x, y], ...] pixels of the original image
+
+
 class Engine(Protocol):
     name: str
 
     def embed(self, image: np.ndarray) -> Any: ...
 
-    def predict(
-        self,
-        embedding: Any,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-    ) -> tuple[np.ndarray, float]: ...
+    def predict(self, embedding: Any, box: Box | None = None, points: Points | None = None,
+                point_labels: Sequence[int] | None = None) -> tuple[np.ndarray, float]: ...
+
+
+def rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """An engine's input as a contiguous HxWx3 uint8 RGB array: HxW grey is repeated into three
+    channels, HxWx4 loses its alpha. ValueError for any other shape or an empty image."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8, copy=False))
 
 
 def embedding_nbytes(engine: Any, embedding: Any) -> int:
     """Size of one embedding for the cache: the engine's own `embedding_nbytes` when it has one."""
     sizer = getattr(engine, "embedding_nbytes", None)
     return int(sizer(embedding)) if callable(sizer) else nbytes(embedding)
-
-
-def engine_device(engine: Any) -> str:
-    return str(getattr(engine, "device", "cpu"))
 
 
 def load_engine(settings: Settings) -> Any:
@@ -83,7 +89,7 @@ def load_engine(settings: Settings) -> Any:
             choice = family
         else:
             log.warning(
-                "!!! SAM_CHECKPOINT %r not found: using the weight-free `classic` engine (GrabCut); "
+                "!!! SAM_CHECKPOINT %r not found: using the weight-free `classic` engine (colour thresholds, no model); "
                 "masks will be much worse than SAM's. Download one with `python -m sam.weights download vit_b` "
                 "and set SAM_CHECKPOINT. !!!",
                 settings.sam_checkpoint,

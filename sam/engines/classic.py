@@ -44,6 +44,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
 from backends.settings import Settings
+from sam.engines import Box, Points, rgb_uint8
 
 XYXY = tuple[float, float, float, float]
 
@@ -78,20 +79,10 @@ class ClassicEngine:
 
     def embed(self, image: np.ndarray) -> ClassicEmbedding:
         """HxWx3 uint8 RGB -> ClassicEmbedding (a contiguous RGB copy; nothing to precompute)."""
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] < 3:
-            raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-        return ClassicEmbedding(np.ascontiguousarray(image[:, :, :3], dtype=np.uint8))
+        return ClassicEmbedding(rgb_uint8(image))
 
-    def predict(
-        self,
-        embedding: ClassicEmbedding,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-    ) -> tuple[np.ndarray, float]:
+    def predict(self, embedding: ClassicEmbedding, box: Box | None = None, points: Points | None = None,
+                point_labels: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
         """-> (HxW bool mask of the whole image, score in [0, 1]).
 
         box: [x0, y0, x1, y1] pixels; points: [[x, y], ...] pixels; point_labels 1 / 0.

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam.engines import rgb_uint8
+
 log = logging.getLogger(__name__)
 
 # config.json `model_type` -> engine
@@ -86,6 +88,13 @@ def _family_of_model_type(model_type: str | None) -> str | None:
     if model_type in SAM3_MODEL_TYPES:
         return "sam3"
     return None
+
+
+def required_checkpoint(checkpoint: str, engine: str, expected: str) -> str:
+    """SAM_CHECKPOINT as set, or ValueError saying what SAM_ENGINE=`engine` needs (`expected`)."""
+    if not checkpoint:
+        raise ValueError(f"SAM_ENGINE={engine} needs SAM_CHECKPOINT: {expected}")
+    return checkpoint
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, engine: str) -> Path:
@@ -153,16 +162,6 @@ def _processor_config(directory: Path) -> dict:
         if isinstance(config, dict):
             return config
     return {}
-
-
-def rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """HxW, HxWx3 or HxWx4 -> contiguous HxWx3 uint8 RGB."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8, copy=False))
 
 
 def preprocess(images: Sequence[np.ndarray], norm: Normalisation) -> torch.Tensor:

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from backends.devices import resolve_device
 from backends.settings import Settings
-from sam.engines import hf_common
+from sam.engines import Box, Points, hf_common, rgb_uint8
 from sam.engines.hf_common import Normalisation
-from sam.engines.prediction import MaskPrediction
-from sam.engines.segment_anything_engine import resolve_device
+from sam.engines.prediction import MaskPrediction, RefiningEngine
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,14 @@ class HfEmbedding:
     backbone: torch.Tensor | None = None
 
 
-class PromptEngine:
+SAM2_CHECKPOINTS = ("a Hugging Face id (facebook/sam2.1-hiera-tiny, -small, -base-plus, -large) or a directory "
+                    "written by save_pretrained")
+
+
+class PromptEngine(RefiningEngine):
     """Box / point prompts through a SAM 2-style decoder (`Sam2Model`, `Sam3TrackerModel`)."""
 
     independent_embed = True  # see sam.embeddings: no state is shared between embed and predict
-    supports_mask_input = True  # predict(..., mask_input=previous logits) refines a region
     supports_text = False  # segment_text(): the sam3 engine with its concept detector
 
     def __init__(self, model: Any, norm: Normalisation, device: str, bf16: bool | None, name: str) -> None:
@@ -73,7 +76,7 @@ class PromptEngine:
     def embed_batch(self, images: Sequence[np.ndarray]) -> list[HfEmbedding]:
         """RGB images of any sizes -> one HfEmbedding each, from one encoder call (all are
         resized to the same S x S input)."""
-        images = [hf_common.rgb_uint8(image) for image in images]
+        images = [rgb_uint8(image) for image in images]
         pixels = hf_common.preprocess(images, self.norm).to(self.device)
         with hf_common.autocast(self.device, self.bf16):
             features, backbone = self._encode(pixels)
@@ -96,27 +99,9 @@ class PromptEngine:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def predict(
-        self,
-        embedding: HfEmbedding,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-        mask_input: Any = None,
-    ) -> tuple[np.ndarray, float]:
-        """One prompt -> (HxW bool mask of the original image, predicted IoU)."""
-        prediction = self.predict_with_logits(embedding, box, points, point_labels, mask_input)
-        return prediction.mask, prediction.score
-
     @torch.inference_mode()
-    def predict_with_logits(
-        self,
-        embedding: HfEmbedding,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-        mask_input: Any = None,
-    ) -> MaskPrediction:
+    def predict_with_logits(self, embedding: HfEmbedding, box: Box | None = None, points: Points | None = None,
+                            point_labels: Sequence[int] | None = None, mask_input: Any = None) -> MaskPrediction:
         """One prompt (original-image pixels) -> MaskPrediction.
 
         `mask_input`: the `logits` of an earlier prediction of the same region (refinement).
@@ -164,12 +149,7 @@ class Sam2Engine(PromptEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Sam2Engine":
-        if not settings.sam_checkpoint:
-            raise ValueError(
-                "SAM_ENGINE=sam2 needs SAM_CHECKPOINT: a Hugging Face id (facebook/sam2.1-hiera-tiny, -small, "
-                "-base-plus, -large) or a directory written by save_pretrained"
-            )
-        return cls(settings.sam_checkpoint, device=settings.device)
+        return cls(hf_common.required_checkpoint(settings.sam_checkpoint, "sam2", SAM2_CHECKPOINTS), device=settings.device)
 
 
 def checkpoint_label(checkpoint: str | os.PathLike) -> str:

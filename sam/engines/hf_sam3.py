@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from backends.devices import resolve_device
 from backends.errors import BadRequest
 from backends.settings import Settings
 from sam.engines import hf_common
 from sam.engines.hf_common import Normalisation
 from sam.engines.hf_sam2 import HfEmbedding, PromptEngine, checkpoint_label
-from sam.engines.segment_anything_engine import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class TextInstance(NamedTuple):
 
     mask: np.ndarray
     score: float
+
+
+SAM3_CHECKPOINTS = ("facebook/sam3 (gated: accept the licence on huggingface.co and set HF_TOKEN) or a directory "
+                    "written by save_pretrained")
 
 
 class Sam3Engine(PromptEngine):
@@ -78,12 +82,7 @@ class Sam3Engine(PromptEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Sam3Engine":
-        if not settings.sam_checkpoint:
-            raise ValueError(
-                "SAM_ENGINE=sam3 needs SAM_CHECKPOINT: facebook/sam3 (gated: accept the licence on huggingface.co "
-                "and set HF_TOKEN) or a directory written by save_pretrained"
-            )
-        return cls(settings.sam_checkpoint, device=settings.device)
+        return cls(hf_common.required_checkpoint(settings.sam_checkpoint, "sam3", SAM3_CHECKPOINTS), device=settings.device)
 
     # -- embedding: one ViT pass serves both the tracker and the detector ------------------------
 

@@ -23,6 +23,8 @@ from sam.engines.hf_common import IMAGENET_DEFAULT, IMAGENET_STANDARD
 TINY_SAM2_SIZE = 256  # input pixels per side (real SAM 2.1: 1024)
 TINY_SAM3_SIZE = 224  # real SAM 3: 1008
 TINY_SAM3_PATCH = 14
+_TINY_MASK_DECODER = dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+_TINY_SAM3_PROMPTS = dict(hidden_size=32, image_size=TINY_SAM3_SIZE, patch_size=TINY_SAM3_PATCH)
 
 
 def save_random_sam2(directory: str | Path, tiny: bool = True, seed: int = 0, video: bool = False) -> Path:
@@ -100,7 +102,7 @@ def _tiny_sam2_parts() -> dict:
     return dict(
         vision_config=vision,
         prompt_encoder_config=Sam2PromptEncoderConfig(hidden_size=32, image_size=size, patch_size=16),
-        mask_decoder_config=Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        mask_decoder_config=Sam2MaskDecoderConfig(**_TINY_MASK_DECODER),
     )
 
 
@@ -148,12 +150,8 @@ def _tiny_sam3_tracker_parts() -> dict:
 
     return dict(
         vision_config=_tiny_sam3_vision(),
-        prompt_encoder_config=Sam3TrackerPromptEncoderConfig(
-            hidden_size=32, image_size=TINY_SAM3_SIZE, patch_size=TINY_SAM3_PATCH
-        ),
-        mask_decoder_config=Sam3TrackerMaskDecoderConfig(
-            hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32
-        ),
+        prompt_encoder_config=Sam3TrackerPromptEncoderConfig(**_TINY_SAM3_PROMPTS),
+        mask_decoder_config=Sam3TrackerMaskDecoderConfig(**_TINY_MASK_DECODER),
     )
 
 
@@ -197,12 +195,8 @@ def _tiny_sam3_parts() -> dict:
     )
     tracker = Sam3TrackerVideoConfig(
         vision_config=_tiny_sam3_vision(),
-        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(
-            hidden_size=32, image_size=size, patch_size=TINY_SAM3_PATCH
-        ),
-        mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(
-            hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32
-        ),
+        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(**_TINY_SAM3_PROMPTS),
+        mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(**_TINY_MASK_DECODER),
         image_size=size,  # else its __post_init__ resets every size to 1008
         **_tiny_memory_parts(size // TINY_SAM3_PATCH),
     )

@@ -11,13 +11,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from backends.devices import resolve_device
 from backends.settings import Settings
-from sam.engines.prediction import MaskPrediction
+from sam.engines import Box, Points, rgb_uint8
+from sam.engines.prediction import MaskPrediction, RefiningEngine
 from sam.engines.sam_fast_encoder import preprocess_batch, use_sdpa_attention
 from sam.engines.segment_anything_loader import load_segment_anything
 
@@ -81,25 +83,12 @@ def save_random_checkpoint(path: str | os.PathLike, model_type: str = "vit_tiny"
     return path
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu; `cpu` / `cuda` as given."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"DEVICE={device} but no CUDA device is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"DEVICE={device!r}: expected auto, cpu or cuda")
-    return device
-
-
-class SamEngine:
+class SamEngine(RefiningEngine):
     """Segment Anything behind the engine interface (see `sam.engines`)."""
 
     # Each predict builds its own SamPredictor around the given embedding; the networks keep no
     # state, so a click may decode while another image is being encoded (see sam.embeddings).
     independent_embed = True
-    supports_mask_input = True  # predict(..., mask_input=previous logits) refines a region
 
     def __init__(
         self,
@@ -162,7 +151,7 @@ class SamEngine:
         The same preprocessing as `SamPredictor.set_image`; each image is padded to 1024x1024, so
         images of different sizes batch together.
         """
-        pixels = [_as_rgb_uint8(image) for image in images]
+        pixels = [rgb_uint8(image) for image in images]
         batch, original_sizes, input_sizes = preprocess_batch(self.model, pixels, self.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -173,27 +162,9 @@ class SamEngine:
             for i, (original, resized) in enumerate(zip(original_sizes, input_sizes))
         ]
 
-    def predict(
-        self,
-        embedding: SamEmbedding,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-        mask_input: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """Decode one prompt -> (HxW bool mask of the original image, predicted IoU score)."""
-        prediction = self.predict_with_logits(embedding, box, points, point_labels, mask_input)
-        return prediction.mask, prediction.score
-
     @torch.inference_mode()
-    def predict_with_logits(
-        self,
-        embedding: SamEmbedding,
-        box: Sequence[float] | None = None,
-        points: Sequence[Sequence[float]] | None = None,
-        point_labels: Sequence[int] | None = None,
-        mask_input: np.ndarray | None = None,
-    ) -> MaskPrediction:
+    def predict_with_logits(self, embedding: SamEmbedding, box: Box | None = None, points: Points | None = None,
+                            point_labels: Sequence[int] | None = None, mask_input: Any = None) -> MaskPrediction:
         """Decode one prompt -> MaskPrediction (mask, predicted IoU, 256x256 low-res logits).
 
         `mask_input`: the `logits` of an earlier prediction of the same region, so an added click
@@ -227,13 +198,4 @@ class SamEngine:
 
     def embedding_nbytes(self, embedding: SamEmbedding) -> int:
         return int(embedding.features.element_size() * embedding.features.nelement())
-
-
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8, copy=False))
 

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.nn import functional as F
 
 _PACKAGE = "segment_anything"
 _lock = threading.Lock()
@@ -45,7 +43,9 @@ class ResizeLongestSide:
     """Torchvision-free twin of `segment_anything.utils.transforms.ResizeLongestSide`.
 
     Resizes images so the longest side is `target_length`, and maps XY pixel coordinates and XYXY
-    boxes of the original image (H, W) into the resized frame.
+    boxes of the original image (H, W) into the resized frame. Only the NumPy methods that
+    `SamPredictor.set_image` / `predict` call; the `*_torch` ones serve the automatic mask
+    generator, which is not loaded here.
     """
 
     def __init__(self, target_length: int) -> None:
@@ -69,22 +69,6 @@ class ResizeLongestSide:
     def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """Bx4 XYXY boxes of an (H, W) image -> the resized frame."""
         return self.apply_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
-
-    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
-        """BxCxHxW float -> resized (antialiased bilinear; may differ slightly from apply_image)."""
-        target_size = self.get_preprocess_shape(image.shape[2], image.shape[3], self.target_length)
-        return F.interpolate(image, target_size, mode="bilinear", align_corners=False, antialias=True)
-
-    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
-        old_h, old_w = original_size
-        new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
-        coords = deepcopy(coords).to(torch.float)
-        coords[..., 0] = coords[..., 0] * (new_w / old_w)
-        coords[..., 1] = coords[..., 1] * (new_h / old_h)
-        return coords
-
-    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
-        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:

@@ -41,3 +41,16 @@ def instance_labels(shared_data: Path, image_path: Path) -> np.ndarray:
 def true_mask(shared_data: Path, image_path: Path) -> np.ndarray:
     """HxW bool: every nucleus of the image (instance label > 0)."""
     return instance_labels(shared_data, image_path) > 0
+
+
+def largest_inner_instances(labels: np.ndarray, count: int) -> list[np.ndarray]:
+    """The `count` largest instance masks (HxW bool) that do not touch the image border."""
+    height, width = labels.shape
+    candidates = []
+    for value in np.unique(labels)[1:]:
+        mask = labels == value
+        rows, cols = np.nonzero(mask)
+        if rows.min() > 0 and cols.min() > 0 and rows.max() < height - 1 and cols.max() < width - 1:
+            candidates.append(mask)
+    candidates.sort(key=lambda mask: -int(mask.sum()))
+    return candidates[:count]

@@ -34,7 +34,9 @@ from PIL import Image
 
 from backends.masks.rle import decode_rle
 from sdk_scripts import import_gcs, setup_project
-from tests.e2e.dsb2018 import SIDE, instance_labels, pick_images, true_mask
+from tests.e2e.dsb2018 import SIDE, instance_labels, largest_inner_instances, pick_images, true_mask
+from tests.support.masks import iou
+from tests.support.payloads import rectangle_around
 
 pytestmark = pytest.mark.e2e
 
@@ -50,38 +52,6 @@ SEGMENTATION_ENV = {"DEVICE": "cpu", "TRAIN_EVERY": "1000"}
 
 
 # --------------------------------------------------------------------- data
-def largest_inner_instances(labels: np.ndarray, count: int) -> list[np.ndarray]:
-    """The `count` largest instance masks (HxW bool) that do not touch the image border."""
-    height, width = labels.shape
-    candidates = []
-    for value in np.unique(labels)[1:]:
-        mask = labels == value
-        rows, cols = np.nonzero(mask)
-        if rows.min() > 0 and cols.min() > 0 and rows.max() < height - 1 and cols.max() < width - 1:
-            candidates.append(mask)
-    candidates.sort(key=lambda mask: -int(mask.sum()))
-    return candidates[:count]
-
-
-def smart_rectangle(mask: np.ndarray, label: str = "Nucleus") -> dict:
-    """The tight bounding box of HxW bool `mask` as Label Studio sends a smart rectangle
-    (x, y, width, height in percent of original_width / original_height)."""
-    height, width = mask.shape
-    rows, cols = np.nonzero(mask)
-    x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
-    return {
-        "original_width": width, "original_height": height, "image_rotation": 0,
-        "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height, "width": 100.0 * (x1 - x0) / width,
-                  "height": 100.0 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": [label]},
-        "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
-    }
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def brush_mask(regions: list[dict], label: str = "Nucleus") -> np.ndarray:
     """The one brushlabels region with `label` among `regions`, decoded to HxW bool."""
     brushes = [r for r in regions if r["type"] == "brushlabels" and r["value"]["brushlabels"] == [label]]
@@ -222,7 +192,7 @@ def test_smart_rectangle_on_a_gs_task_returns_the_nucleus(label_studio, gcs_proj
         started = time.monotonic()
         response = label_studio.http.post(
             f"{label_studio.url}/api/ml/{gcs_project.sam_ml_id}/interactive-annotating",
-            json={"task": task_id, "context": {"result": [smart_rectangle(truth)]}},
+            json={"task": task_id, "context": {"result": [rectangle_around(truth)]}},
             timeout=120,
         )
         seconds.append(time.monotonic() - started)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.masks.rle import encode_rle
 from sdk_scripts import export_masks, import_gcs, setup_project
 from sdk_scripts.mask_dataset import MaskDataset
+from tests.support.masks import iou
+from tests.support.payloads import brush
 
 pytestmark = pytest.mark.e2e
 
@@ -45,13 +46,6 @@ def nuclei_mask(shared_data: Path, image_path: Path) -> np.ndarray:
     return np.array(Image.open(shared_data / "dsb2018" / "labels" / image_path.name)) > 0
 
 
-def brush_result(mask: np.ndarray, label: str, region_id: str) -> dict:
-    height, width = mask.shape
-    return {"id": region_id, "type": "brushlabels", "from_name": "tag", "to_name": "image",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
-
-
 def u_polygon(height: int, width: int) -> tuple[dict, np.ndarray]:
     """A non-convex "U" polygon region (vertices on pixel corners, in percent) and its HxW bool mask."""
     top, bottom = height // 4, height // 2
@@ -67,11 +61,6 @@ def u_polygon(height: int, width: int) -> tuple[dict, np.ndarray]:
     mask[top:bottom, left:right] = True
     mask[top:notch_bottom, notch_left:notch_right] = False
     return region, mask
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, monkeypatch, capsys):
@@ -143,7 +132,7 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
     for index, path in enumerate(images):
         task = tasks[f"gs://{source_bucket}/images/{path.name}"]
         nuclei = nuclei_mask(shared_data, path)
-        results = [brush_result(nuclei, "Nucleus", f"nuc{index}")]
+        results = [brush(nuclei, "Nucleus", f"nuc{index}")]
         mask = nuclei.astype(np.uint8)
         if index == 0:
             region, polygon_mask = u_polygon(*nuclei.shape)
@@ -153,7 +142,7 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
             ls.annotations.create(id=task.id, result=[], was_cancelled=True)
             continue
         # an older annotation of the same task must lose to the newer one
-        ls.annotations.create(id=task.id, result=[brush_result(~nuclei, "Cell", "old")])
+        ls.annotations.create(id=task.id, result=[brush(~nuclei, "Cell", "old")])
         submitted.append(ls.annotations.create(id=task.id, result=results).id)
         expected[path.stem] = mask
 

@@ -6,64 +6,22 @@ import pytest
 from PIL import Image
 
 from backends.masks.rle import decode_rle
+from tests.e2e.dsb2018 import largest_inner_instances
+from tests.support.masks import iou
+from tests.support.payloads import SMART_ONLY_CONFIG, rectangle_around
 
 pytestmark = pytest.mark.e2e
 
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/></BrushLabels>
-  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true"><Label value="Nucleus"/></RectangleLabels>
-</View>"""
+LABEL_CONFIG = SMART_ONLY_CONFIG
 # A fluorescence image with well separated nuclei, and how many of them to prompt.
 IMAGE_ID = "0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed"
 N_INSTANCES = 4
 
 
-def _instances(labels: np.ndarray, count: int) -> list[np.ndarray]:
-    """The `count` largest instance masks (HxW bool) that do not touch the image border."""
-    candidates = []
-    for value in np.unique(labels)[1:]:
-        mask = labels == value
-        rows, cols = np.nonzero(mask)
-        if rows.min() == 0 or cols.min() == 0 or rows.max() == labels.shape[0] - 1 or cols.max() == labels.shape[1] - 1:
-            continue
-        candidates.append(mask)
-    candidates.sort(key=lambda mask: -int(mask.sum()))
-    return candidates[:count]
-
-
-def _smart_rectangle(mask: np.ndarray) -> dict:
-    """The tight bounding box of `mask` as Label Studio sends a smart rectangle (percent units)."""
-    height, width = mask.shape
-    rows, cols = np.nonzero(mask)
-    x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
-    return {
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": 100.0 * x0 / width,
-            "y": 100.0 * y0 / height,
-            "width": 100.0 * (x1 - x0) / width,
-            "height": 100.0 * (y1 - y0) / height,
-            "rotation": 0,
-            "rectanglelabels": ["Nucleus"],
-        },
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "origin": "manual",
-    }
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1))
-
-
 def test_smart_rectangle_returns_the_nucleus_mask(label_studio, start_backend, shared_data, tmp_path):
     image_path = shared_data / "dsb2018" / "images" / f"{IMAGE_ID}.png"
     labels = np.asarray(Image.open(shared_data / "dsb2018" / "labels" / f"{IMAGE_ID}.png"))
-    instances = _instances(labels, N_INSTANCES)
+    instances = largest_inner_instances(labels, N_INSTANCES)
     assert len(instances) == N_INSTANCES
 
     ls = label_studio.ls
@@ -76,7 +34,7 @@ def test_smart_rectangle_returns_the_nucleus_mask(label_studio, start_backend, s
     for truth in instances:
         response = label_studio.http.post(
             f"{label_studio.url}/api/ml/{ml.id}/interactive-annotating",
-            json={"task": task_id, "context": {"result": [_smart_rectangle(truth)]}},
+            json={"task": task_id, "context": {"result": [rectangle_around(truth)]}},
             timeout=120,
         )
         assert response.status_code == 200, response.text[:500]
@@ -90,7 +48,7 @@ def test_smart_rectangle_returns_the_nucleus_mask(label_studio, start_backend, s
         assert brush["value"]["brushlabels"] == ["Nucleus"]
         assert (brush["original_height"], brush["original_width"]) == truth.shape
         mask = decode_rle(brush["value"]["rle"], brush["original_height"], brush["original_width"])
-        ious.append(_iou(mask, truth))
+        ious.append(iou(mask, truth))
     print("IoU per nucleus:", [round(iou, 3) for iou in ious])
     assert min(ious) > 0.6, ious
     assert "classic" in backend.health()["engine"]

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import requests
 
-from backends.masks.rle import decode_rle, encode_rle
+from backends.masks.rle import decode_rle
 from tests.e2e.dsb2018 import SIDE, pick_images, true_mask
+from tests.support.masks import iou
+from tests.support.payloads import BRUSH_CONFIG, brush
 
 pytestmark = pytest.mark.e2e
 
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/></BrushLabels>
-</View>"""
+LABEL_CONFIG = BRUSH_CONFIG
 N_IMAGES = 16
 N_ANNOTATED = 10
 # Short training on this 2-core CPU; TRAIN_EVERY high so that only "Start training" trains.
@@ -34,19 +33,6 @@ TRAINING_DEADLINE_S = 240.0
 # models over-segment a little (recall ~0.99, precision ~0.7); an empty prediction scores 0.
 MIN_MEAN_IOU = 0.5
 MIN_IMAGE_IOU = 0.35
-
-
-def brush_result(mask: np.ndarray) -> dict:
-    """A Nucleus brush region covering HxW bool `mask`, as the annotator's browser submits it."""
-    height, width = mask.shape
-    return {"type": "brushlabels", "from_name": "tag", "to_name": "image",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": ["Nucleus"]}}
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def retrieve_predictions(label_studio, project_id: int, task_ids: list[int]) -> None:
@@ -129,7 +115,7 @@ def test_training_from_annotations_then_predicting_the_rest(label_studio, start_
 
     # --- annotations from the true masks; with TRAIN_EVERY high they only count
     for task_id in annotated:
-        ls.annotations.create(id=task_id, result=[brush_result(truth_of[task_id])])
+        ls.annotations.create(id=task_id, result=[brush(truth_of[task_id])])
     deadline = time.monotonic() + 30
     while backend.health()["projects"][project_key].get("new_annotations") != N_ANNOTATED:
         assert time.monotonic() < deadline, backend.health()["projects"][project_key]

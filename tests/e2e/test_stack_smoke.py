@@ -11,15 +11,12 @@ from PIL import Image
 from devstack import demo
 from devstack.gcs import upload_objects
 from devstack.processes import group_alive
+from tests.support.payloads import SMART_ONLY_CONFIG
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/></BrushLabels>
-  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true"><Label value="Nucleus"/></RectangleLabels>
-</View>"""
+LABEL_CONFIG = SMART_ONLY_CONFIG
 
 
 def _png(path: Path, height: int = 48, width: int = 64) -> Path:

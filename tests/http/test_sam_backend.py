@@ -6,95 +6,40 @@ custom engine (SAM_ENGINE=module:Class) whose masks are known exactly.
 """
 from __future__ import annotations
 
-import http.server
-import io
-import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from backends.masks.rle import decode_rle
 from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
-from tests import ls_payloads as payloads
-from tests.ls_payloads import task
+from tests.support import payloads
+from tests.support.engines import BOX_ENGINE
+from tests.support.http_host import HttpHost
+from tests.support.images import png
+from tests.support.payloads import LABEL_CONFIG, POLYGON_CONFIG, task
 
 WIDTH, HEIGHT = 160, 120
 DISK_CENTRE, DISK_RADIUS = (70, 60), 25  # XY pixels
-
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/><Label value="Cell"/></BrushLabels>
-  <RectangleLabels name="box" toName="image" smart="true"><Label value="Nucleus"/><Label value="Cell"/></RectangleLabels>
-  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Nucleus"/><Label value="Cell"/></KeyPointLabels>
-</View>"""
-
-POLYGON_CONFIG = LABEL_CONFIG.replace(
-    "</View>", '  <PolygonLabels name="outline" toName="image"><Label value="Nucleus"/></PolygonLabels>\n</View>'
-)
-
 
 def disk_png() -> tuple[bytes, np.ndarray]:
     rows, cols = np.ogrid[:HEIGHT, :WIDTH]
     truth = (cols - DISK_CENTRE[0]) ** 2 + (rows - DISK_CENTRE[1]) ** 2 <= DISK_RADIUS**2
     noise = np.random.default_rng(0).normal(0, 6, (HEIGHT, WIDTH))
     gray = np.clip(np.where(truth, 200, 30) + noise, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2)).save(buffer, format="PNG")
-    return buffer.getvalue(), truth
-
-
-class BoxEngine:
-    """Deterministic custom engine: the mask is the box, or 5x5 squares around positive points."""
-
-    name = "box-engine"
-
-    def embed(self, image):
-        return np.zeros(image.shape[:2], np.uint8)
-
-    def predict(self, embedding, box=None, points=None, point_labels=None):
-        mask = np.zeros(embedding.shape, bool)
-        if box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            mask[y0:y1, x0:x1] = True
-        for (x, y), label in zip(points or [], point_labels or []):
-            mask[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3] = label == 1
-        return mask, 0.5
+    return png(np.repeat(gray[:, :, None], 3, axis=2)), truth
 
 
 @pytest.fixture(scope="module")
 def image_server():
-    """Serves /disk.png and /other.png (404 elsewhere); counts GETs per path."""
-    png, truth = disk_png()
-    hits: dict[str, int] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = self.path.split("?")[0]
-            hits[path] = hits.get(path, 0) + 1
-            if path not in ("/disk.png", "/other.png"):
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.truth, server.hits = truth, hits
-    server.base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    server.shutdown()
-    server.server_close()
+    """Serves /disk.png and /other.png (404 elsewhere): `base` URL, the disk's `truth`, `hits(path)`."""
+    disk, truth = disk_png()
+    with HttpHost({"/disk.png": disk, "/other.png": disk}) as host:
+        yield SimpleNamespace(base=host.url, truth=truth, hits=host.hits)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +52,7 @@ def tiny_checkpoint(tmp_path_factory):
 ENGINES = {
     "classic": dict(sam_engine="classic"),
     "sam": dict(sam_engine="auto", sam_model_type="vit_tiny", device="cpu"),  # checkpoint added below
-    "custom": dict(sam_engine=f"{__name__}:BoxEngine"),
+    "custom": dict(sam_engine=BOX_ENGINE),
 }
 
 
@@ -122,8 +67,7 @@ def backend(request, image_server, tiny_checkpoint, tmp_path):
         embedding_cache_mb=64,
         **fields,
     )
-    model_class = type(f"SamBackend_{request.param}", (SamBackend,), {})  # class state per app
-    with TestClient(create_app(model_class, settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(SamBackend, settings), raise_server_exceptions=False) as client:
         client.engine = request.param
         client.base = image_server.base
         yield client
@@ -138,13 +82,7 @@ def keypoint(x, y, positive=True, label="Nucleus"):
 
 
 def predict(client, tasks, context=None, config=LABEL_CONFIG):
-    body = {
-        "tasks": tasks,
-        "project": "1.1762076800",
-        "label_config": config,
-        "params": {"login": None, "password": None, "context": context},
-    }
-    return client.post("/predict", json=body)
+    return client.post("/predict", json=payloads.predict_body(tasks, context, config))
 
 
 def health(client) -> dict:
@@ -169,8 +107,7 @@ DISK_BOX = rectangle(45 / 1.6, 35 / 1.2, 51 / 1.6, 51 / 1.2)
 
 
 def test_setup_and_health_name_the_engine(backend):
-    body = {"project": "1.1762076800", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080", "access_token": "t", "extra_params": None}
-    response = backend.post("/setup", json=body)
+    response = backend.post("/setup", json=payloads.setup_body(access_token="t"))
     assert response.status_code == 200
     version = response.json()["model_version"]
     expected = {"classic": "classic-boxfit", "sam": "sam-vit_tiny", "custom": "box-engine"}[backend.engine]
@@ -226,22 +163,21 @@ def test_two_rectangles_two_regions_with_their_labels(backend):
     assert len({r["id"] for r in result}) == 2
 
 
-def test_polygon_config_adds_polygon_regions(backend):
+def test_a_config_with_brush_and_polygon_tags_gets_one_kind_of_region_per_prompt(backend):
+    """SAM_OUTPUT=auto: the brush region only (two kinds per prompt doubled every object in the UI)."""
     response = predict(backend, [task(5, f"{backend.base}/disk.png")], {"result": [DISK_BOX]}, config=POLYGON_CONFIG)
     assert response.status_code == 200, response.text
     kinds = [r["type"] for r in response.json()["results"][0]["result"]]
-    assert kinds[0] == "brushlabels"
-    if backend.engine != "sam":  # random weights may give an empty mask, hence no polygon
-        assert "polygonlabels" in kinds
+    assert kinds == ["brushlabels"]
 
 
 def test_cached_embedding_is_keyed_by_identity_not_signature(backend, image_server):
     url = f"{backend.base}/other.png"
-    before = image_server.hits.get("/other.png", 0)
+    before = image_server.hits("/other.png")
     for signature in ("aaa", "bbb", "ccc"):
         response = predict(backend, [task(6, f"{url}?X-Goog-Signature={signature}")], {"result": [DISK_BOX]})
         assert response.status_code == 200, response.text
-    assert image_server.hits.get("/other.png", 0) - before <= 1  # fetched at most once (disk cache may hold it)
+    assert image_server.hits("/other.png") - before <= 1  # fetched at most once (disk cache may hold it)
     assert health(backend)["embedding_cache"]["entries"] == 1
 
 
@@ -249,7 +185,7 @@ def test_tasks_created_webhook_prewarms(backend):
     body = {
         "action": "TASKS_CREATED",
         "tasks": [task(7, f"{backend.base}/disk.png"), task(8, f"{backend.base}/other.png")],
-        "project": {"id": 1, "title": "Nuclei", "label_config": LABEL_CONFIG},
+        "project": payloads.project(),
     }
     response = backend.post("/webhook", json=body)
     assert response.status_code == 200 and response.json()["status"] == "ok"

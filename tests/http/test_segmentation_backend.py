@@ -7,23 +7,24 @@ project itself. The real Label Studio end to end test lives in tests/e2e.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import time
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from backends.masks.rle import decode_rle, encode_rle
+from backends.masks.rle import decode_rle
 from backends.server.app import create_app
 from backends.settings import Settings
 from segmentation.model import SegmentationBackend
-from tests.unit.fake_http import LoopbackServer, Reply
+from tests.support import payloads
+from tests.support.http_host import PNG, Reply
+from tests.support.images import cells, png
+from tests.support.label_studio import LEGACY_TOKEN as TOKEN
+from tests.support.label_studio import FakeLabelStudio
+from tests.support.payloads import annotation, brush
+from tests.support.masks import iou
 
-TOKEN = "0123456789abcdef0123456789abcdef01234567"
 SIZE = (72, 64)  # height, width
 CONFIG = """
 <View>
@@ -38,50 +39,22 @@ CONFIG = """
 """
 
 
-def cells(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HxWx3 uint8 image, HxW bool truth): bright disks on a noisy dark background."""
-    rng = np.random.default_rng(seed)
-    height, width = SIZE
-    image = rng.integers(0, 50, (height, width, 3)).astype(np.uint8)
-    truth = np.zeros((height, width), bool)
-    rows, cols = np.ogrid[:height, :width]
-    for _ in range(3):
-        cy, cx, r = rng.integers(10, height - 10), rng.integers(10, width - 10), rng.integers(6, 10)
-        truth |= (rows - cy) ** 2 + (cols - cx) ** 2 < r * r
-    image[truth] = (220, 200, 210)
-    return image, truth
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def brush(mask: np.ndarray, label: str = "Nucleus") -> dict:
-    height, width = mask.shape
-    return {"id": "b1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
-
-
 def square_polygon(label: str = "Nucleus") -> dict:
     return {"id": "p1", "from_name": "poly", "to_name": "image", "type": "polygonlabels",
             "original_width": SIZE[1], "original_height": SIZE[0], "image_rotation": 0,
             "value": {"points": [[5, 5], [30, 5], [30, 30], [5, 30]], "polygonlabels": [label], "closed": True}}
 
 
-def annotation(annotation_id: int, result: list, updated: str, cancelled: bool = False) -> dict:
-    return {"id": annotation_id, "result": result, "was_cancelled": cancelled, "ground_truth": False,
-            "created_at": updated, "updated_at": updated, "lead_time": 3.2, "completed_by": 1}
-
-
-class FakeLabelStudio:
-    """Project 1: tasks 1..8 annotated (brush from the truth, newest wins), plus bad input; 9..11 not."""
+class CellsLabelStudio(FakeLabelStudio):
+    """Project 1: tasks 1..8 annotated (brush from the truth, newest wins), plus bad input; 9..11 not.
+    `images` {task id: (image, truth)}: uploaded as /data/upload/1/cells-<id>.png."""
 
     def __init__(self):
-        self.images = {task_id: cells(task_id) for task_id in range(1, 12)}
-        self.export_status = 200
+        super().__init__()
+        self.images = {task_id: cells(task_id, SIZE, disks=3, margin=10, radii=(6, 10)) for task_id in range(1, 12)}
+        for task_id, (image, _) in self.images.items():
+            self.files[f"/data/upload/1/cells-{task_id}.png"] = Reply(200, png(image), PNG)
+        self.projects[1] = CONFIG
         tasks = []
         for task_id in range(1, 9):
             image, truth = self.images[task_id]
@@ -93,48 +66,17 @@ class FakeLabelStudio:
                 annotations.append(annotation(19, [brush(~truth)], "2026-11-03T10:00:00Z", cancelled=True))
             if task_id == 2:  # a polygon drawn on top (later region wins)
                 annotations[1]["result"].append(square_polygon())
-            tasks.append(self.task(task_id, annotations))
-        tasks.append(self.task(20, [annotation(200, [brush(self.images[1][1], "Mitochondrion")], "2026-11-02T10:00:00Z")],
-                               image="/data/upload/1/cells-1.png"))
-        tasks.append(self.task(21, [annotation(210, [brush(self.images[1][1])], "2026-11-02T10:00:00Z")],
-                               image="/data/upload/1/missing.png"))
-        self.export = tasks
-
-    @staticmethod
-    def task(task_id: int, annotations: list, image: str | None = None) -> dict:
-        return {"id": task_id, "data": {"image": image or f"/data/upload/1/cells-{task_id}.png"},
-                "annotations": annotations, "predictions": [], "project": 1}
-
-    def __call__(self, request) -> Reply:
-        if request.path == "/health":
-            return Reply(200, b'{"status": "UP"}')
-        if request.headers.get("Authorization") != f"Token {TOKEN}":
-            return Reply(401, b'{"detail": "Authentication credentials were not provided."}')
-        if request.path == "/api/projects/1/export":
-            return Reply(self.export_status, json.dumps(self.export).encode())
-        if request.path == "/api/projects/1":
-            return Reply(200, json.dumps({"id": 1, "label_config": CONFIG}).encode())
-        if request.path.startswith("/data/upload/1/cells-"):
-            task_id = int(request.path.rsplit("-", 1)[1].removesuffix(".png"))
-            if task_id in self.images:
-                return Reply(200, png(self.images[task_id][0]), {"Content-Type": "image/png"})
-        return Reply(404, b'{"detail": "Not found."}')
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a 2-core machine shared with other tests, two threads can be 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+            tasks.append(payloads.task(task_id, f"/data/upload/1/cells-{task_id}.png", annotations=annotations))
+        tasks.append(payloads.task(20, "/data/upload/1/cells-1.png", annotations=[
+            annotation(200, [brush(self.images[1][1], "Mitochondrion")], "2026-11-02T10:00:00Z")]))
+        tasks.append(payloads.task(21, "/data/upload/1/missing.png", annotations=[
+            annotation(210, [brush(self.images[1][1])], "2026-11-02T10:00:00Z")]))
+        self.exports[1] = tasks
 
 
 @pytest.fixture
 def label_studio():
-    fake = FakeLabelStudio()
-    with LoopbackServer(fake) as server:
-        fake.url = server.url
+    with CellsLabelStudio() as fake:
         yield fake
 
 
@@ -148,10 +90,8 @@ def client(label_studio, tmp_path, one_thread):
 
 
 def predict(client, task_ids, config=CONFIG) -> list[dict]:
-    tasks = [{"id": i, "data": {"image": f"/data/upload/1/cells-{i}.png"}, "annotations": [], "predictions": []}
-             for i in task_ids]
-    response = client.post("/predict", json={"tasks": tasks, "project": "1.1762076800", "label_config": config,
-                                             "params": {"login": None, "password": None, "context": None}})
+    tasks = [payloads.task(i, f"/data/upload/1/cells-{i}.png") for i in task_ids]
+    response = client.post("/predict", json=payloads.predict_body(tasks, config=config))
     assert response.status_code == 200, response.text
     return response.json()["results"]
 
@@ -171,22 +111,14 @@ def wait_for_training(client, timeout_s: float = 180) -> dict:
 
 
 def webhook(client, action: str) -> None:
-    body = {"action": action, "project": {"id": 1, "label_config": CONFIG}}
-    if action.startswith("ANNOTATION"):
-        body |= {"annotation": {"id": 1, "result": []}, "task": {"id": 1}}
     started = time.monotonic()
-    response = client.post("/webhook", json=body)
+    response = client.post("/webhook", json=payloads.webhook_body(action, config=CONFIG))
     assert response.status_code == 200 and response.json()["status"] == "ok"
     assert time.monotonic() - started < 1.0  # Label Studio waits 1 s for a webhook
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
-
-
 def test_before_any_model_predictions_are_empty_and_health_says_why(client):
-    setup = client.post("/setup", json={"project": "1.1762076800", "schema": CONFIG,
-                                        "hostname": "http://localhost:8080", "access_token": TOKEN})
+    setup = client.post("/setup", json=payloads.setup_body(CONFIG, access_token=TOKEN))
     assert setup.status_code == 200 and setup.json()["model_version"] == "untrained"
     results = predict(client, [9, 10])
     assert [r["result"] for r in results] == [[], []]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import http.server
 import logging
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,132 +18,69 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from backends.server.app import create_app
 from backends.server.cli import build_parser
 from backends.server.model_base import LabelStudioMLBase
-from backends.server.app import create_app
 from backends.settings import Settings
+from devstack.processes import free_port
 from tests.conftest import REPO_ROOT
-from tests.http.toy_model import LABEL_CONFIG, TEXT_ONLY_CONFIG, FakeImageFetcher, make_toy_model
+from tests.http.toy_model import LABEL_CONFIG, TEXT_ONLY_CONFIG, FakeLabelStudio, ToyModel, ToyService
+from tests.support import payloads
+from tests.support.http_host import HttpHost, Reply, closed_port_url
 
 TOKEN = "0123456789abcdef-secret-token"
 
 
-def ls_task(task_id: int, image: str = "/data/upload/1/cells.png") -> dict:
-    """A task as Label Studio serialises it for an ML backend."""
-    return {
-        "id": task_id,
-        "data": {"image": image},
-        "meta": {},
-        "created_at": "2026-11-02T10:00:00.000000Z",
-        "updated_at": "2026-11-02T10:00:00.000000Z",
-        "is_labeled": False,
-        "overlap": 1,
-        "inner_id": task_id,
-        "total_annotations": 0,
-        "cancelled_annotations": 0,
-        "total_predictions": 0,
-        "comment_count": 0,
-        "unresolved_comment_count": 0,
-        "last_comment_updated_at": None,
-        "project": 1,
-        "updated_by": None,
-        "file_upload": 1,
-        "comment_authors": [],
-        "annotations": [],
-        "predictions": [],
-        "drafts": [],
-    }
+ls_task = payloads.task  # a task as Label Studio serialises it for an ML backend
 
 
 def setup_body(config: str = LABEL_CONFIG) -> dict:
-    return {
-        "project": "1.1762076800",
-        "schema": config,
-        "hostname": "http://localhost:8080",
-        "access_token": TOKEN,
-        "extra_params": None,
-    }
+    return payloads.setup_body(config, access_token=TOKEN)
 
 
-def predict_body(
-    tasks: list[dict], context: dict | None = None, label_config: str | None = LABEL_CONFIG
-) -> dict:
-    body = {
-        "tasks": tasks,
-        "project": "1.1762076800",
-        "params": {"login": None, "password": None, "context": context},
-    }
-    if label_config is not None:
-        body["label_config"] = label_config
-    return body
+def predict_body(tasks: list[dict], context: dict | None = None, label_config: str | None = LABEL_CONFIG) -> dict:
+    return payloads.predict_body(tasks, context, label_config)
 
 
-SMART_RECTANGLE = {
-    "result": [
-        {
-            "original_width": 640,
-            "original_height": 480,
-            "image_rotation": 0,
-            "value": {
-                "x": 10.0,
-                "y": 20.0,
-                "width": 15.5,
-                "height": 12.25,
-                "rotation": 0,
-                "rectanglelabels": ["Nucleus"],
-            },
-            "id": "a1b2c3",
-            "from_name": "rect",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "origin": "manual",
-        }
-    ]
-}
-
-KEYPOINT = {
-    "result": [
-        {
-            "original_width": 640,
-            "original_height": 480,
-            "image_rotation": 0,
-            "value": {"x": 30.0, "y": 40.0, "width": 0.5, "keypointlabels": ["Nucleus"]},
-            "is_positive": True,
-            "id": "k1",
-            "from_name": "kp",
-            "to_name": "image",
-            "type": "keypointlabels",
-            "origin": "manual",
-        }
-    ]
-}
+SMART_RECTANGLE = {"result": [payloads.rectangle(10.0, 20.0, 15.5, 12.25, original=(640, 480), id="a1b2c3",
+                                                 from_name="rect")]}
+KEYPOINT = {"result": [payloads.keypoint(30.0, 40.0, original=(640, 480), width=0.5, id="k1", from_name="kp")]}
 
 
 def ls_project(config: str = LABEL_CONFIG) -> dict:
-    """The project object Label Studio puts in webhook payloads (abridged)."""
-    return {"id": 1, "title": "Nuclei", "label_config": config, "created_at": "2026-11-02T10:00:00Z"}
+    return payloads.project(config)
 
 
 @pytest.fixture
 def model_class() -> type[LabelStudioMLBase]:
-    return make_toy_model()
+    return ToyModel
 
 
 @pytest.fixture
-def images() -> FakeImageFetcher:
-    return FakeImageFetcher()
+def label_studio() -> FakeLabelStudio:
+    return FakeLabelStudio()
 
 
-def make_client(model_class, images, **settings_fields) -> TestClient:
+def make_client(model_class, label_studio, **settings_fields) -> TestClient:
     settings = dataclasses.replace(Settings(), **settings_fields)
-    app = create_app(model_class, settings, images=images)
+    app = create_app(model_class, settings, label_studio=label_studio)
     return TestClient(app, raise_server_exceptions=False)
 
 
+def toy_of(client: TestClient) -> ToyService:
+    """What ToyModel.startup returned for this app: its record of calls."""
+    return client.app.state.server.service
+
+
 @pytest.fixture
-def client(model_class, images):
-    with make_client(model_class, images) as test_client:
+def client(model_class, label_studio):
+    with make_client(model_class, label_studio) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def toy(client) -> ToyService:
+    return toy_of(client)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -180,26 +116,27 @@ def test_health_reports_up_with_model_fields(client, model_class):
         assert body["engine"] == "toy"
 
 
-def test_startup_runs_once_per_app_with_the_context(client, model_class, images):
-    assert len(model_class.startups) == 1
-    assert model_class.startups[0].images is images
+def test_startup_runs_once_per_app_with_the_context(client, toy, label_studio):
+    assert client.app.state.server.service is toy  # what startup returned, held by the app
+    assert toy.runtime is client.app.state.server.runtime
+    assert toy.runtime.label_studio is label_studio
 
 
 def test_health_is_degraded_when_label_studio_does_not_answer(model_class):
-    images = FakeImageFetcher(label_studio_url="http://127.0.0.1:9", reachable=False)
-    with make_client(model_class, images) as client:
+    label_studio = FakeLabelStudio(url="http://127.0.0.1:9", reachable=False)
+    with make_client(model_class, label_studio) as client:
         body = wait_for_label_studio_verdict(client)
         assert body["status"] == "DEGRADED"
         assert body["label_studio"] == "unreachable"
-        probes = images.probes
+        probes = label_studio.probes
         for _ in range(20):
             client.get("/health")
-        assert images.probes == probes  # the verdict is cached, not re-probed per request
+        assert label_studio.probes == probes  # the verdict is cached, not re-probed per request
 
 
 def test_health_answers_fast_while_the_label_studio_probe_hangs(model_class):
-    images = FakeImageFetcher(label_studio_url="http://127.0.0.1:9", probe_seconds=3.0)
-    with make_client(model_class, images) as client:
+    label_studio = FakeLabelStudio(url="http://127.0.0.1:9", probe_seconds=3.0)
+    with make_client(model_class, label_studio) as client:
         started = time.perf_counter()
         response = client.get("/health")
         assert time.perf_counter() - started < 1.0  # Label Studio's timeout; the probe takes 3 s
@@ -217,66 +154,48 @@ def wait_for_label_studio_verdict(client: TestClient) -> dict:
 
 
 def test_health_probes_label_studio_with_the_real_image_fetcher(model_class, tmp_path):
-    class LabelStudioStub(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/health" else 404)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args) -> None:
-            pass
-
-    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LabelStudioStub)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-    try:
+    with HttpHost(app=lambda request: Reply(200 if request.path == "/health" else 404, b"{}")) as stub:
         for url, status, verdict in (
-            (f"http://127.0.0.1:{stub.server_address[1]}", "UP", "reachable"),
-            (f"http://127.0.0.1:{closed.getsockname()[1]}", "DEGRADED", "unreachable"),
+            (stub.url, "UP", "reachable"),
+            (closed_port_url(), "DEGRADED", "unreachable"),  # connections are refused
         ):
             settings = Settings(label_studio_url=url, image_cache_dir=tmp_path / "images")
             with TestClient(create_app(model_class, settings), raise_server_exceptions=False) as client:
                 body = wait_for_label_studio_verdict(client)
                 assert (body["status"], body["label_studio"]) == (status, verdict)
-    finally:
-        stub.shutdown()
-        stub.server_close()
-        closed.close()
 
 
-def test_setup_configures_images_and_returns_model_version(client, model_class, images):
+def test_setup_configures_images_and_returns_model_version(client, toy, label_studio):
     response = client.post("/setup", json=setup_body())
     assert response.status_code == 200, response.text
     assert response.json() == {"model_version": "toy-1"}
-    assert images.configured[-1] == {"hostname": "http://localhost:8080", "access_token": TOKEN}
+    assert label_studio.configured[-1] == {"hostname": "http://localhost:8080", "access_token": TOKEN}
     # Label Studio repeats /setup before every batch: the instance is kept, setup() runs once.
     assert client.post("/setup", json=setup_body()).status_code == 200
-    assert model_class.instances_created == 1
-    instance = client.app.state.instances.get("1", None)
+    assert toy.instances_created == 1
+    instance = client.app.state.server.instances.get("1", None)
     assert instance.project_id == "1" and instance.label_config == LABEL_CONFIG
 
 
-def test_setup_with_a_changed_config_recreates_the_instance(client, model_class):
+def test_setup_with_a_changed_config_recreates_the_instance(client, toy):
     client.post("/setup", json=setup_body())
     changed = LABEL_CONFIG.replace('background="#ff0000"', 'background="#00ff00"')
     assert client.post("/setup", json=setup_body(changed)).status_code == 200
-    assert model_class.instances_created == 2
-    assert client.app.state.instances.get("1", None).label_config == changed
+    assert toy.instances_created == 2
+    assert client.app.state.server.instances.get("1", None).label_config == changed
 
 
-def test_setup_refuses_a_config_without_segmentation_output(client, model_class):
+def test_setup_refuses_a_config_without_segmentation_output(client, toy):
     response = client.post("/setup", json=setup_body(TEXT_ONLY_CONFIG))
     assert response.status_code == 400
     assert "BrushLabels" in response.json()["error"]
-    assert model_class.instances_created == 0
+    assert toy.instances_created == 0
     assert_healthy(client)
 
 
 def test_state_set_in_one_instance_survives_a_config_change(client):
     client.post("/setup", json=setup_body())
-    client.app.state.instances.get("1", None).model_version = "toy-7"
+    client.app.state.server.instances.get("1", None).model_version = "toy-7"
     changed = LABEL_CONFIG.replace('zoom="true"', 'zoom="false"')
     assert client.post("/setup", json=setup_body(changed)).json() == {"model_version": "toy-7"}
 
@@ -284,7 +203,7 @@ def test_state_set_in_one_instance_survives_a_config_change(client):
 # -- predict ---------------------------------------------------------------------------------
 
 
-def test_batch_predict_returns_one_result_per_task_in_order(client, model_class):
+def test_batch_predict_returns_one_result_per_task_in_order(client, toy):
     tasks = [ls_task(7), ls_task(3), ls_task(5)]
     response = client.post("/predict", json=predict_body(tasks))
     assert response.status_code == 200, response.text
@@ -292,43 +211,43 @@ def test_batch_predict_returns_one_result_per_task_in_order(client, model_class)
     assert [r["result"][0]["value"]["rle"][0] for r in results] == [7, 3, 5]
     assert all(r["model_version"] == "toy-1" for r in results)  # filled in by the server
     assert all(r["score"] == 0.5 for r in results)
-    call = model_class.predict_calls[-1]
+    call = toy.predict_calls[-1]
     assert call["context"] is None
     assert call["kwargs"] == {"login": None, "password": None}
 
 
-def test_params_that_would_collide_with_predicts_own_arguments_are_dropped(client, model_class):
+def test_params_that_would_collide_with_predicts_own_arguments_are_dropped(client, toy):
     body = predict_body([ls_task(1)])
     body["params"] |= {"self": 1, "tasks": [], "extra": "kept"}
     response = client.post("/predict", json=body)
     assert response.status_code == 200, response.text
-    call = model_class.predict_calls[-1]
+    call = toy.predict_calls[-1]
     assert call["kwargs"] == {"login": None, "password": None, "extra": "kept"}
     assert [task["id"] for task in call["tasks"]] == [1]
 
 
-def test_interactive_smart_rectangle_reaches_predict_as_context(client, model_class):
+def test_interactive_smart_rectangle_reaches_predict_as_context(client, toy):
     response = client.post("/predict", json=predict_body([ls_task(1)], context=SMART_RECTANGLE))
     assert response.status_code == 200, response.text
     region = response.json()["results"][0]["result"][0]
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Nucleus"]
-    assert model_class.predict_calls[-1]["context"] == SMART_RECTANGLE
+    assert toy.predict_calls[-1]["context"] == SMART_RECTANGLE
 
 
-def test_interactive_keypoint_reaches_predict_as_context(client, model_class):
+def test_interactive_keypoint_reaches_predict_as_context(client, toy):
     response = client.post("/predict", json=predict_body([ls_task(2)], context=KEYPOINT))
     assert response.status_code == 200, response.text
-    context = model_class.predict_calls[-1]["context"]
+    context = toy.predict_calls[-1]["context"]
     assert context["result"][0]["is_positive"] is True
     assert context["result"][0]["value"]["keypointlabels"] == ["Nucleus"]
 
 
-def test_predict_without_label_config_uses_the_one_from_setup(client, model_class):
+def test_predict_without_label_config_uses_the_one_from_setup(client, toy):
     client.post("/setup", json=setup_body())
     response = client.post("/predict", json=predict_body([ls_task(1)], label_config=None))
     assert response.status_code == 200, response.text
-    assert model_class.instances_created == 1
-    assert client.app.state.instances.get("1", None).label_config == LABEL_CONFIG
+    assert toy.instances_created == 1
+    assert client.app.state.server.instances.get("1", None).label_config == LABEL_CONFIG
 
 
 def test_predict_with_an_unusable_config_is_a_400(client):
@@ -337,7 +256,7 @@ def test_predict_with_an_unusable_config_is_a_400(client):
     assert "BrushLabels" in response.json()["error"]
 
 
-def test_predict_accepts_a_plain_list_and_none(images):
+def test_predict_accepts_a_plain_list_and_none(label_studio):
     class ListModel(LabelStudioMLBase):
         MODEL_VERSION = "list-1"
 
@@ -349,7 +268,7 @@ def test_predict_accepts_a_plain_list_and_none(images):
                 return None
             return [{"result": [], "score": 0.1, "model_version": "explicit"}, {"result": []}]
 
-    with make_client(ListModel, images) as client:
+    with make_client(ListModel, label_studio) as client:
         results = client.post("/predict", json=predict_body([ls_task(1), ls_task(2)])).json()["results"]
         assert [r["model_version"] for r in results] == ["explicit", "list-1"]
         assert client.post("/predict", json=predict_body([ls_task(0)])).json() == {"results": []}
@@ -375,22 +294,22 @@ def test_a_backend_error_keeps_its_status_and_message(client):
 # -- webhook ---------------------------------------------------------------------------------
 
 
-def test_start_training_is_answered_at_once_while_fit_runs_in_background(client, model_class):
-    model_class.fit_gate.clear()  # fit blocks until released
+def test_start_training_is_answered_at_once_while_fit_runs_in_background(client, toy):
+    toy.fit_gate.clear()  # fit blocks until released
     started = time.perf_counter()
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": ls_project()})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200 and response.json() == {"status": "ok"}
     assert elapsed < 1.0  # Label Studio's webhook timeout; fit is blocked for up to 10 s
-    assert model_class.fits == []  # still blocked in the background
-    model_class.fit_gate.set()
-    assert model_class.fit_done.wait(5)
-    event, data = model_class.fits[0]
+    assert toy.fits == []  # still blocked in the background
+    toy.fit_gate.set()
+    assert toy.fit_done.wait(5)
+    event, data = toy.fits[0]
     assert event == "START_TRAINING"
     assert data["project"]["id"] == 1 and "action" not in data
 
 
-def test_annotation_created_reaches_fit_with_its_payload(client, model_class):
+def test_annotation_created_reaches_fit_with_its_payload(client, toy):
     annotation = {"id": 11, "result": [], "task": 3, "completed_by": 1}
     payload = {
         "action": "ANNOTATION_CREATED",
@@ -399,21 +318,21 @@ def test_annotation_created_reaches_fit_with_its_payload(client, model_class):
         "task": ls_task(3),
     }
     assert client.post("/webhook", json=payload).json() == {"status": "ok"}
-    assert model_class.fit_done.wait(5)
-    event, data = model_class.fits[0]
+    assert toy.fit_done.wait(5)
+    event, data = toy.fits[0]
     assert event == "ANNOTATION_CREATED"
     assert data["annotation"] == annotation and data["task"]["id"] == 3
 
 
-def test_unknown_webhook_actions_are_ignored(client, model_class):
+def test_unknown_webhook_actions_are_ignored(client, toy):
     response = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": ls_project()})
     assert response.status_code == 200
     assert response.json()["status"] == "ignored"
     time.sleep(0.1)
-    assert model_class.fits == []
+    assert toy.fits == []
 
 
-def test_a_failing_fit_is_logged_and_counted_and_the_server_keeps_serving(client, model_class, caplog):
+def test_a_failing_fit_is_logged_and_counted_and_the_server_keeps_serving(client, toy, caplog):
     before = metric_value(
         client.get("/metrics").text, "errors_total", endpoint="/webhook", kind="RuntimeError"
     )
@@ -465,10 +384,10 @@ def test_metrics_count_requests_latencies_errors_and_model_metrics(client):
     assert metric_value(text, "toy_predictions_total") == 3
 
 
-def test_two_apps_in_one_process_have_separate_metrics(model_class, images):
+def test_two_apps_in_one_process_have_separate_metrics(model_class, label_studio):
     with (
-        make_client(model_class, images) as first,
-        make_client(make_toy_model(), FakeImageFetcher()) as second,
+        make_client(model_class, label_studio) as first,
+        make_client(ToyModel, FakeLabelStudio()) as second,
     ):
         first.get("/versions")
         assert (
@@ -488,8 +407,8 @@ def basic(user: str, password: str) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def test_basic_auth_when_configured(model_class, images):
-    with make_client(model_class, images, basic_auth_user="ls", basic_auth_pass="s3cret") as client:
+def test_basic_auth_when_configured(model_class, label_studio):
+    with make_client(model_class, label_studio, basic_auth_user="ls", basic_auth_pass="s3cret") as client:
         for path in ("/health", "/versions", "/metrics"):
             response = client.get(path)
             assert response.status_code == 401
@@ -500,7 +419,7 @@ def test_basic_auth_when_configured(model_class, images):
         assert client.get("/health", headers={"Authorization": "Basic !!!"}).status_code == 401
         assert client.get("/health", headers={"Authorization": "Bearer s3cret"}).status_code == 401
         assert client.post("/setup", json=setup_body()).status_code == 401
-        assert model_class.instances_created == 0
+        assert toy_of(client).instances_created == 0
         assert client.get("/health", headers=basic("ls", "s3cret")).status_code == 200
         assert client.post("/setup", json=setup_body(), headers=basic("ls", "s3cret")).status_code == 200
 
@@ -509,8 +428,8 @@ def test_no_auth_needed_when_not_configured(client):
     assert client.get("/versions").status_code == 200
 
 
-def test_body_over_the_cap_is_a_413_by_header_and_by_stream(model_class, images):
-    with make_client(model_class, images, max_request_mb=1 / 1024) as client:  # 1 KiB
+def test_body_over_the_cap_is_a_413_by_header_and_by_stream(model_class, label_studio):
+    with make_client(model_class, label_studio, max_request_mb=1 / 1024) as client:  # 1 KiB
         big = predict_body([ls_task(i) for i in range(20)])
         response = client.post("/predict", json=big)
         assert response.status_code == 413
@@ -522,7 +441,7 @@ def test_body_over_the_cap_is_a_413_by_header_and_by_stream(model_class, images)
 
         response = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
         assert response.status_code == 413
-        assert model_class.predict_calls == []
+        assert toy_of(client).predict_calls == []
         assert client.post("/predict", json=predict_body([ls_task(1)])).status_code == 413  # still > 1 KiB
         assert_healthy(client)
 
@@ -606,12 +525,12 @@ def test_logs_never_contain_tokens_or_bodies(client, caplog):
 # -- the default label-config check and the real server ---------------------------------------
 
 
-def test_a_model_without_overrides_validates_with_the_label_config_module(images):
+def test_a_model_without_overrides_validates_with_the_label_config_module(label_studio):
     class PlainModel(LabelStudioMLBase):
         def predict(self, tasks, context=None, **kwargs):
             return [{"result": []} for _ in tasks]
 
-    with make_client(PlainModel, images) as client:
+    with make_client(PlainModel, label_studio) as client:
         assert client.post("/setup", json=setup_body()).status_code == 200
         response = client.post("/setup", json=setup_body(TEXT_ONLY_CONFIG))
         assert response.status_code == 400 and response.json()["error"]
@@ -627,12 +546,6 @@ def test_cli_parser_defaults():
     assert (args.host, args.port) == ("127.0.0.1", 9191)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_cli_serves_the_model_with_settings_from_the_environment(tmp_path):
     port = free_port()
     env = {
@@ -644,8 +557,8 @@ def test_cli_serves_the_model_with_settings_from_the_environment(tmp_path):
         "LABEL_STUDIO_URL": "",
     }
     code = (
-        "from backends.server.cli import main; from tests.http.toy_model import make_toy_model; "
-        f"main(make_toy_model(), ['--host', '127.0.0.1', '--port', '{port}'])"
+        "from backends.server.cli import main; from tests.http.toy_model import ToyModel; "
+        f"main(ToyModel, ['--host', '127.0.0.1', '--port', '{port}'])"
     )
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log_file:
@@ -676,9 +589,14 @@ def test_cli_serves_the_model_with_settings_from_the_environment(tmp_path):
 
 
 @pytest.fixture
-def live_server(model_class, images):
+def live_app(model_class, label_studio):
+    return create_app(model_class, Settings(), label_studio=label_studio)
+
+
+@pytest.fixture
+def live_server(live_app):
     """The app under a real uvicorn on a free loopback port; yields its base URL."""
-    app = create_app(model_class, Settings(), images=images)
+    app = live_app
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
@@ -695,21 +613,22 @@ def live_server(model_class, images):
     sock.close()
 
 
-def test_real_server_answers_health_and_webhooks_while_a_prediction_is_slow(live_server, model_class):
-    model_class.predict_gate = threading.Event()
+def test_real_server_answers_health_and_webhooks_while_a_prediction_is_slow(live_server, live_app):
+    toy = live_app.state.server.service
+    toy.predict_gate = threading.Event()
     with httpx.Client(base_url=live_server, timeout=10) as http:
         slow = threading.Thread(target=lambda: http.post("/predict", json=predict_body([ls_task(1)])))
         slow.start()
         deadline = time.monotonic() + 5
-        while not model_class.predict_calls and time.monotonic() < deadline:
+        while not toy.predict_calls and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert model_class.predict_calls, "the prediction never reached the model"
+        assert toy.predict_calls, "the prediction never reached the model"
         started = time.perf_counter()
         assert http.get("/health", timeout=1).status_code == 200
         assert http.post(
             "/webhook", json={"action": "START_TRAINING", "project": ls_project()}, timeout=1
         ).json() == {"status": "ok"}
         assert time.perf_counter() - started < 1.0
-        model_class.predict_gate.set()
+        toy.predict_gate.set()
         slow.join(10)
-        assert model_class.fit_done.wait(5)
+        assert toy.fit_done.wait(5)

@@ -1,5 +1,5 @@
-"""Fixtures of the reliability suite: loopback image hosts, a fake Label Studio, both backends
-in-process (starlette TestClient over ASGI) with deterministic engines and tiny models.
+"""Fixtures of the reliability suite: both backends in-process (starlette TestClient over ASGI)
+with settings for tests (engines with known answers: tests/support/engines.py) and tiny models.
 
 Tests that start real backend processes are marked `e2e` (the project's marker for backend
 processes on loopback); everything here binds port 0 and talks to 127.0.0.1 only.
@@ -10,28 +10,23 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
 from segmentation.model import SegmentationBackend
+from tests.conftest import one_torch_thread_while
 from tests.reliability.models import save_constant_segmentation_model
-
-BOX_ENGINE = "tests.reliability.engines:BoxEngine"
-RED_ENGINE = "tests.reliability.engines:RedEngine"
 
 
 def sam_client(settings: Settings) -> TestClient:
-    """A TestClient (enter it) for a fresh SamBackend subclass: class-level state per app."""
-    model_class = type("ReliabilitySam", (SamBackend,), {})
-    return TestClient(create_app(model_class, settings), raise_server_exceptions=False)
+    """A TestClient (enter it) for SamBackend; each app has its own state (its service)."""
+    return TestClient(create_app(SamBackend, settings), raise_server_exceptions=False)
 
 
 def segmentation_client(settings: Settings) -> TestClient:
-    model_class = type("ReliabilitySegmentation", (SegmentationBackend,), {})
-    return TestClient(create_app(model_class, settings), raise_server_exceptions=False)
+    return TestClient(create_app(SegmentationBackend, settings), raise_server_exceptions=False)
 
 
 def base_settings(tmp: Path, **fields) -> Settings:
@@ -53,10 +48,4 @@ def constant_model(tmp_path_factory) -> Path:
     return save_constant_segmentation_model(tmp_path_factory.mktemp("seg-checkpoint"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: on a 2-core machine shared with other tests, more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(one_torch_thread_while, scope="module", autouse=True, name="one_torch_thread")

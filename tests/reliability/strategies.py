@@ -12,7 +12,7 @@ from typing import Sequence
 
 from hypothesis import strategies as st
 
-from tests.ls_payloads import LABEL_CONFIG, POLYGON_CONFIG, PROJECT, WEBHOOK_ACTIONS
+from tests.support.payloads import LABEL_CONFIG, POLYGON_CONFIG, PROJECT, WEBHOOK_ACTIONS
 
 LABELS = ("Nucleus", "Cell")
 

@@ -20,7 +20,6 @@ lacks the limits.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -40,14 +39,15 @@ import backends
 import backends.images.fetcher
 from backends.errors import ImageUnavailable
 from backends.images.decode import decode_image
-from backends.masks.rle import decode_rle, encode_rle
+from backends.masks.rle import decode_rle
 from backends.settings import Settings
-from tests import ls_payloads as payloads
 from tests.reliability.checks import check_healthy, describe
-from tests.reliability.conftest import RED_ENGINE, sam_client, segmentation_client
-from tests.reliability.servers import ImageHost
-from tests.unit.fake_http import LoopbackServer, Reply
-from tests.unit.hostile_images import encode
+from tests.reliability.conftest import sam_client, segmentation_client
+from tests.support import payloads
+from tests.support.engines import RED_ENGINE
+from tests.support.http_host import PNG, HttpHost, Reply
+from tests.support.images import encode
+from tests.support.label_studio import FakeLabelStudio
 
 THIS_MODULE = __name__
 REPO_ROOT = Path(backends.__file__).resolve().parents[1]  # the code under test (a base checkout too)
@@ -125,7 +125,7 @@ def jpeg_host():
         "/bomb.jpg": Reply(200, scan_bomb(1500, 1500), {"Content-Type": "image/jpeg"}),
         "/progressive.jpg": Reply(200, scan_bomb(1500, 0), {"Content-Type": "image/jpeg"}),
     }
-    with ImageHost(files) as host:
+    with HttpHost(files) as host:
         yield host
 
 
@@ -263,7 +263,7 @@ def test_decoded_pixels_held_at_once_stay_within_the_decode_budget(tmp_path, mon
     worth of decoded images waits for it (it was all 8: memory grew with the number of requests)."""
     live = LiveDecodes(backends.images.fetcher.decode_image)
     monkeypatch.setattr(backends.images.fetcher, "decode_image", live)
-    with ImageHost(megapixel_pngs(8)) as host:
+    with HttpHost(megapixel_pngs(8)) as host:
         settings = settings_for(tmp_path, {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "2", "DECODE_WAIT_TIMEOUT": "30"},
                                 sam_engine=HOLDING_ENGINE, image_allowed_hosts=(host.netloc,))
         with sam_client(settings) as client:
@@ -275,7 +275,7 @@ def test_decoded_pixels_held_at_once_stay_within_the_decode_budget(tmp_path, mon
 
 
 def test_a_decode_that_cannot_get_memory_in_time_is_answered_503_and_the_server_serves_on(tmp_path):
-    with ImageHost(megapixel_pngs(2)) as host:
+    with HttpHost(megapixel_pngs(2)) as host:
         settings = settings_for(tmp_path, {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "1", "DECODE_WAIT_TIMEOUT": "0.2"},
                                 sam_engine=HOLDING_ENGINE, image_allowed_hosts=(host.netloc,))
         HoldingEngine.hold_s = 1.0
@@ -341,7 +341,7 @@ def test_a_fragmented_prediction_is_left_out_of_the_answer_with_a_note(tmp_path,
     height, width = 1000, 1000
     monkeypatch.setattr(segmentation.model, "segment_images",
                         lambda network, images, device, **kwargs: [speckled_segmentation(height, width)])
-    with ImageHost({"/scan.png": encode(Image.new("RGB", (width, height)))}) as host:
+    with HttpHost({"/scan.png": encode(Image.new("RGB", (width, height)))}) as host:
         settings = settings_for(tmp_path, {"SEG_MAX_RLE_MB": "0.5"}, seg_checkpoint=str(constant_model),
                                 image_allowed_hosts=(host.netloc,))
         with segmentation_client(settings) as client:
@@ -363,33 +363,21 @@ TASKS = 24
 TASK_SIDE = 600
 
 
-class TrainingLabelStudio:
+def training_label_studio() -> FakeLabelStudio:
     """Project 1's export: TASKS tasks, each a TASK_SIDE square image with a brush annotation."""
-
-    def __init__(self):
-        pixels = np.zeros((TASK_SIDE, TASK_SIDE, 3), np.uint8)
-        pixels[100:300, 100:300] = 220
-        self.image = encode(Image.fromarray(pixels))
-        truth = np.zeros((TASK_SIDE, TASK_SIDE), bool)
-        truth[100:300, 100:300] = True
-        region = {"id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-                  "original_width": TASK_SIDE, "original_height": TASK_SIDE, "image_rotation": 0,
-                  "value": {"format": "rle", "rle": encode_rle(truth), "brushlabels": ["Nucleus"]}}
-        self.export = [{"id": task_id, "data": {"image": f"/data/upload/1/{task_id}.png"}, "project": 1,
-                        "annotations": [{"id": task_id, "result": [region], "was_cancelled": False,
-                                         "updated_at": "2026-01-01T00:00:00Z"}]}
-                       for task_id in range(1, TASKS + 1)]
-
-    def __call__(self, request) -> Reply:
-        if request.path == "/health":
-            return Reply(200, b'{"status": "UP"}')
-        if request.path == "/api/projects/1/export":
-            return Reply(200, json.dumps(self.export).encode())
-        if request.path == "/api/projects/1":
-            return Reply(200, json.dumps({"id": 1, "label_config": TRAINING_CONFIG}).encode())
-        if request.path.startswith("/data/upload/1/"):
-            return Reply(200, self.image, {"Content-Type": "image/png"})
-        return Reply(404, b'{"detail": "Not found."}')
+    pixels = np.zeros((TASK_SIDE, TASK_SIDE, 3), np.uint8)
+    pixels[100:300, 100:300] = 220
+    image = Reply(200, encode(Image.fromarray(pixels)), PNG)
+    truth = np.zeros((TASK_SIDE, TASK_SIDE), bool)
+    truth[100:300, 100:300] = True
+    fake = FakeLabelStudio()
+    fake.projects[1] = TRAINING_CONFIG
+    fake.exports[1] = []
+    for task_id in range(1, TASKS + 1):
+        fake.files[f"/data/upload/1/{task_id}.png"] = image
+        annotation = payloads.annotation(task_id, [payloads.brush(truth, region_id="r1")], "2026-01-01T00:00:00Z")
+        fake.exports[1].append(payloads.task(task_id, f"/data/upload/1/{task_id}.png", annotations=[annotation]))
+    return fake
 
 
 def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypatch):
@@ -406,11 +394,11 @@ def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypat
         raise ValueError("probe: measured, not trained")
 
     monkeypatch.setattr(segmentation.model, "train", probe)
-    fake = TrainingLabelStudio()
-    region = fake.export[0]["annotations"][0]["result"][0]
+    fake = training_label_studio()
+    region = fake.exports[1][0]["annotations"][0]["result"][0]
     decode_rle(region["value"]["rle"], TASK_SIDE, TASK_SIDE)  # its lookup table (4 MB, cached once) is not a sample
-    with LoopbackServer(fake) as label_studio:
-        settings = settings_for(tmp_path, label_studio_url=label_studio.url, label_studio_api_key="t" * 40)
+    with fake as label_studio:
+        settings = settings_for(tmp_path, label_studio_url=label_studio.url, label_studio_api_key=fake.legacy_token)
         with segmentation_client(settings) as client:
             tracemalloc.start()
             try:

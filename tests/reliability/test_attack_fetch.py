@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,123 +30,37 @@ from backends.label_studio.auth import LabelStudioAuth
 from backends.server.model_base import LabelStudioMLBase, ModelResponse
 from backends.server.app import create_app
 from backends.settings import Settings
-from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, describe
 from tests.reliability.conftest import base_settings, segmentation_client
-from tests.reliability.servers import ImageHost
-from tests.unit.fake_http import FakeLabelStudio, LoopbackServer, RecordedRequest, Reply
-from tests.unit.hostile_images import png, quadrant_rgb
+from tests.support import payloads
+from tests.support.http_host import PNG, HttpHost, RecordedRequest, Reply
+from tests.support.images import png, quadrant_rgb
+from tests.support.label_studio import FakeLabelStudio
 
 LS_PNG = png(quadrant_rgb(24, 32))
 ATTACKER_PNG = png(quadrant_rgb(8, 8))
-PNG = {"Content-Type": "image/png"}
 
 
 # ================================================================================== servers
 
 
-class Attacker:
-    """A loopback HTTP server that answers every request with an image and records what arrived."""
+class Attacker(HttpHost):
+    """A loopback host that answers every request with an image and records what arrived."""
 
     def __init__(self):
-        self.server = LoopbackServer(lambda request: Reply(200, ATTACKER_PNG, PNG))
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.server.requests
+        super().__init__(app=lambda request: Reply(200, ATTACKER_PNG, PNG))
 
     def tokens_seen(self) -> list[str]:
         return [r.headers["Authorization"] for r in self.requests if "Authorization" in r.headers] + [
             r.body.decode(errors="replace") for r in self.requests if b"refresh" in r.body
         ]
 
-    def __enter__(self) -> "Attacker":
-        self.server.__enter__()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.server.__exit__(*exc)
-
-
-class DripServer:
-    """Accepts HTTP connections on loopback and answers one byte every `interval_s`.
-
-    `part="headers"`: the status line, then header bytes that never end. `part="body"`: complete
-    headers (Content-Length `length`), then the body byte by byte. `connections` counts accepts.
-    """
-
-    def __init__(self, part: str, interval_s: float = 1.0, length: int = 10_000):
-        self.part, self.interval_s, self.length = part, interval_s, length
-        self.connections = 0
-        self._stop = threading.Event()
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def netloc(self) -> str:
-        return f"127.0.0.1:{self._listener.getsockname()[1]}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.netloc}"
-
-    def _accept(self) -> None:
-        self._listener.settimeout(0.05)  # closing a listener does not wake a blocked accept()
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                self._open.append(conn)
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
-
-    def _drip(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)  # the request
-            if self.part == "headers":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                payload = iter(lambda: b"a", None)
-            else:
-                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {self.length}\r\n\r\n"
-                             .encode())
-                payload = (LS_PNG[i:i + 1] or b"\0" for i in range(self.length))
-            for byte in payload:
-                if self._stop.wait(self.interval_s):
-                    return
-                conn.sendall(byte)
-        except OSError:
-            return
-        finally:
-            conn.close()
-
-    def __enter__(self) -> "DripServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
-        with self._lock:
-            for conn in self._open:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+def drip_host(part: str) -> HttpHost:
+    """A loopback host answering every request with one byte a second: `part="headers"`, the status
+    line and then header bytes that never end; `part="body"`, complete headers (Content-Length
+    10000) and then the body byte by byte. Its `requests` are the fetches that reached it."""
+    return HttpHost(app=lambda request: Reply(200, LS_PNG.ljust(10_000, b"\0"), PNG, drip=part))
 
 
 class FetchOnly(LabelStudioMLBase):
@@ -157,13 +70,12 @@ class FetchOnly(LabelStudioMLBase):
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> ModelResponse:
         for task in tasks:
-            self.context.images.fetch_bytes(task["data"]["image"], task["id"])
+            self.runtime.images.fetch_bytes(task["data"]["image"], task["id"])
         return ModelResponse(predictions=[{"result": [], "score": 0.0} for _ in tasks])
 
 
 def fetch_only_client(settings: Settings) -> TestClient:
-    model_class = type("AttackFetchOnly", (FetchOnly,), {})
-    return TestClient(create_app(model_class, settings), raise_server_exceptions=False)
+    return TestClient(create_app(FetchOnly, settings), raise_server_exceptions=False)
 
 
 def predict(client: TestClient, uri: str, task_id: int = 1):
@@ -186,7 +98,8 @@ def attacker():
 
 def make_fetcher(tmp_path: Path, **fields) -> ImageFetcher:
     fetcher = ImageFetcher(base_settings(tmp_path, image_cache_mb=0, **fields))
-    fetcher.backoff_s = 0.01
+    fetcher.label_studio.backoff_s = 0.01  # downloads
+    fetcher.backoff_s = 0.01  # direct GCS reads
     return fetcher
 
 
@@ -240,7 +153,7 @@ def test_the_metadata_block_cannot_be_bypassed_with_a_backslash(attacker, tmp_pa
         return real_connect(address, *args, **kwargs)
 
     monkeypatch.setattr(urllib3.util.connection, "create_connection", recording_connect)
-    with ImageHost({"/good.png": LS_PNG}) as images:
+    with HttpHost({"/good.png": LS_PNG}) as images:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(images.netloc,))
         for uri in (f"http://169.254.169.254\\@{images.netloc}/latest/meta-data/",
                     f"http://127.0.0.1:{attacker.port}\\@{images.netloc}/good.png"):
@@ -350,17 +263,17 @@ def test_a_later_setup_cannot_move_label_studio_or_swap_its_token(ls, attacker, 
 
 def test_a_setup_hostname_is_ignored_when_label_studio_url_is_set(ls, attacker, tmp_path):
     fetcher = make_fetcher(tmp_path, label_studio_url=ls.url)
-    fetcher.configure(hostname=attacker.url, access_token=ls.legacy_token)  # the first token is taken
+    fetcher.label_studio.configure(hostname=attacker.url, access_token=ls.legacy_token)  # the first token is taken
     assert fetcher.fetch_bytes("/data/upload/1/a.png", 1) == LS_PNG
-    fetcher.configure(hostname=attacker.url, access_token="b" * 40)  # a different one from elsewhere: not
-    assert fetcher.auth().headers() == {"Authorization": f"Token {ls.legacy_token}"}
+    fetcher.label_studio.configure(hostname=attacker.url, access_token="b" * 40)  # a different one from elsewhere: not
+    assert fetcher.label_studio.auth().headers() == {"Authorization": f"Token {ls.legacy_token}"}
     assert attacker.requests == []
 
 
 def test_cached_bytes_are_never_served_for_another_origin_even_after_a_restart(ls, attacker, tmp_path):
     cache = dict(image_cache_mb=8, image_cache_dir=tmp_path / "shared-cache")
     hijacked = ImageFetcher(base_settings(tmp_path, label_studio_api_key=ls.legacy_token, **cache))
-    hijacked.configure(hostname=attacker.url)  # the attacker's /setup came first
+    hijacked.label_studio.configure(hostname=attacker.url)  # the attacker's /setup came first
     assert hijacked.fetch_bytes("/data/upload/1/a.png", 1) == ATTACKER_PNG
     restarted = ImageFetcher(base_settings(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token,
                                            **cache))
@@ -375,7 +288,7 @@ def test_cached_bytes_are_never_served_for_another_origin_even_after_a_restart(l
 def test_a_host_dripping_one_byte_per_second_is_cut_at_the_deadline(tmp_path, part):
     deadline_s = 2.0
     outcome: list = []
-    with DripServer(part) as drip:
+    with drip_host(part) as drip:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(drip.netloc,), image_fetch_timeout_s=1.5,
                                image_fetch_retries=2, image_fetch_deadline_s=deadline_s)
 
@@ -399,7 +312,7 @@ def test_slow_hosts_cannot_starve_requests_for_other_hosts(tmp_path):
     """42 requests for a dripping host (more than the 40 worker threads) and then one for a good host."""
     slow_requests, per_host = 42, 4
     answers: list[int] = []
-    with DripServer("body") as drip, ImageHost({"/good.png": LS_PNG}) as images:
+    with drip_host("body") as drip, HttpHost({"/good.png": LS_PNG}) as images:
         settings = base_settings(tmp_path, image_allowed_hosts=(drip.netloc, images.netloc), image_fetch_timeout_s=2,
                                  image_fetch_deadline_s=2, image_fetch_per_host=per_host, image_fetch_queue_wait_s=0.3)
         with fetch_only_client(settings) as client:
@@ -417,7 +330,7 @@ def test_slow_hosts_cannot_starve_requests_for_other_hosts(tmp_path):
             probe.start()
             probe.join(timeout=6)
             waited = time.monotonic() - started
-            connections = drip.connections
+            connections = len(drip.requests)
             for thread in slow_threads:
                 thread.join(timeout=6)
     assert good, f"a request for a good host was still waiting after {waited:.1f} s"

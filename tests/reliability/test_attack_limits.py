@@ -21,20 +21,21 @@ import sys
 import threading
 import time
 import tracemalloc
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import tests.ls_payloads as payloads
 from backends.server.app import create_app
 from backends.settings import Settings
 from sam.model import SamBackend
 from segmentation.model import SegmentationBackend
+from tests.reliability.backend_process import REPO_ROOT, clean_environment
 from tests.reliability.checks import check_answer, describe
 from tests.reliability.conftest import base_settings
-from tests.reliability.servers import REPO_ROOT, clean_environment
+from tests.support import payloads
+from tests.support.fetcher import FakeImageFetcher
+from tests.support.payloads import webhook_body
 
 HEIGHT, WIDTH = 24, 32
 EMBEDDING_SHAPE = (HEIGHT, WIDTH, 64)  # 48 KiB per embedding: the cache cap is set in embeddings
@@ -44,24 +45,9 @@ EMBEDDING_BYTES = int(np.prod(EMBEDDING_SHAPE))
 # -- doubles: an image source, an engine that can be held, a training that can be held ---------------
 
 
-class FakeImages:
+def grey_images() -> FakeImageFetcher:
     """Every URI is a small grey image; no network."""
-
-    label_studio_url = ""
-
-    def configure(self, hostname=None, access_token=None) -> None:
-        pass
-
-    def check_label_studio(self) -> bool:
-        return True
-
-    @staticmethod
-    def identity(uri: str, task_id) -> str:
-        return f"{task_id}:{uri}"
-
-    def load(self, uri: str, task_id=None):
-        return SimpleNamespace(pixels=np.full((HEIGHT, WIDTH, 3), 128, np.uint8), width=WIDTH, height=HEIGHT,
-                               identity=self.identity(uri, task_id))
+    return FakeImageFetcher(default=np.full((HEIGHT, WIDTH, 3), 128, np.uint8))
 
 
 class GatedEngine:
@@ -94,8 +80,7 @@ ENGINE = f"{__name__}:GatedEngine"
 
 def sam_app(tmp_path, **fields) -> TestClient:
     settings = base_settings(tmp_path, sam_engine=ENGINE, **fields)
-    model_class = type("AttackSam", (SamBackend,), {})  # class-level state per app
-    return TestClient(create_app(model_class, settings, images=FakeImages()), raise_server_exceptions=False)
+    return TestClient(create_app(SamBackend, settings, images=grey_images()), raise_server_exceptions=False)
 
 
 def slow_training_class() -> type[SegmentationBackend]:
@@ -136,7 +121,7 @@ def failing_training_class() -> type[SegmentationBackend]:
 
 def segmentation_app(tmp_path, model_class: type[SegmentationBackend], **fields) -> TestClient:
     settings = base_settings(tmp_path, **fields)
-    return TestClient(create_app(model_class, settings, images=FakeImages()), raise_server_exceptions=False)
+    return TestClient(create_app(model_class, settings, images=grey_images()), raise_server_exceptions=False)
 
 
 def wait_until(condition, timeout_s: float = 5.0, what: str = "condition") -> None:
@@ -160,13 +145,6 @@ def settle(read, quiet_s: float = 0.3, timeout_s: float = 10.0):
     return value
 
 
-def webhook_body(action: str, project_id: int, **extra) -> dict:
-    body = {"action": action, "project": {"id": project_id, "label_config": payloads.LABEL_CONFIG}, **extra}
-    if action.startswith("ANNOTATION"):
-        body |= {"annotation": {"id": 1, "result": []}, "task": {"id": 1}}
-    return body
-
-
 def project_labels(metrics_text: str, metric: str) -> set[str]:
     return set(re.findall(rf'^{metric}\{{[^}}]*project="([^"]+)"', metrics_text, flags=re.MULTILINE))
 
@@ -185,8 +163,8 @@ def test_projects_beyond_max_projects_are_forgotten_so_health_and_memory_stay_bo
         health = client.get("/health")
         projects = health.json()["projects"]
         assert len(projects) <= cap, f"{len(projects)} projects in /health ({len(health.content)} bytes)"
-        assert len(client.app.state.instances) <= cap
-        assert len(client.app.state.context.store) <= cap
+        assert len(client.app.state.server.instances) <= cap
+        assert len(client.app.state.server.runtime.store) <= cap
         assert projects["60"]["new_annotations"] == 1  # the most recent ones are kept
         assert "1" not in projects
         # An evicted project comes back fresh when it is used again.
@@ -215,8 +193,8 @@ def test_sam_keeps_at_most_max_projects_instances(tmp_path):
         for project in range(1, 41):
             body = payloads.setup_body() | {"project": f"{project}.1762076800"}
             assert client.post("/setup", json=body).status_code == 200
-        assert len(client.app.state.instances) <= 32
-        assert len(client.app.state.context.store) <= 32
+        assert len(client.app.state.server.instances) <= 32
+        assert len(client.app.state.server.runtime.store) <= 32
 
 
 # -- item 7: training queue ------------------------------------------------------------------------
@@ -299,16 +277,16 @@ def test_tasks_created_bodies_are_not_kept_while_prewarms_wait_and_a_full_queue_
 
 
 def test_a_generic_model_gets_429_when_the_background_queue_is_full(tmp_path):
-    from tests.http.toy_model import make_toy_model
+    from tests.http.toy_model import ToyModel
 
-    model_class = make_toy_model()
     settings = dataclasses.replace(base_settings(tmp_path), background_queue_max=2)
-    with TestClient(create_app(model_class, settings, images=FakeImages()), raise_server_exceptions=False) as client:
-        model_class.fit_gate.clear()  # fit blocks: 4 workers busy, then 2 waiting, then full
+    with TestClient(create_app(ToyModel, settings, images=grey_images()), raise_server_exceptions=False) as client:
+        toy = client.app.state.server.service
+        toy.fit_gate.clear()  # fit blocks: 4 workers busy, then 2 waiting, then full
         try:
             statuses = [client.post("/webhook", json=webhook_body("START_TRAINING", 1)).status_code for _ in range(8)]
         finally:
-            model_class.fit_gate.set()
+            toy.fit_gate.set()
         assert statuses == [200] * 6 + [429] * 2, statuses
 
 
@@ -450,7 +428,7 @@ def test_many_tools_inheriting_many_labels_are_refused_quickly():
 def test_half_configured_basic_auth_refuses_to_start(tmp_path, user, password, named):
     settings = dataclasses.replace(base_settings(tmp_path), basic_auth_user=user, basic_auth_pass=password)
     with pytest.raises(ValueError, match=named):
-        create_app(type("HalfAuth", (SamBackend,), {}), settings, images=FakeImages())
+        create_app(SamBackend, settings, images=grey_images())
     with pytest.raises(ValueError, match=named):
         Settings.from_env({"BASIC_AUTH_USER": user, "BASIC_AUTH_PASS": password})
 

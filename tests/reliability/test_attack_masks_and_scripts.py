@@ -7,7 +7,6 @@ machine; the child reports its peak Python-traced allocation (tracemalloc counts
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shlex
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from backends.masks.rle import encode_rle
-from tests import ls_payloads as payloads
 from tests.reliability.conftest import base_settings, segmentation_client
-from tests.reliability.servers import ImageHost
+from tests.support import payloads
+from tests.support.fetcher import FakeImageFetcher
+from tests.support.http_host import HttpHost
+from tests.support.images import png
 
 CODE_ROOT = Path(__import__("backends").__file__).resolve().parents[1]  # the code under test (also /tmp/base)
 
@@ -199,19 +198,6 @@ CONFIG = """<View>
 H, W = 12, 16
 
 
-class FakeFetcher:
-    def __init__(self, images: dict[str, np.ndarray]):
-        self.images = images
-
-    def load(self, uri: str, task_id=None):
-        from backends.errors import ImageUnavailable
-        from backends.images.fetcher import LoadedImage
-
-        if uri not in self.images:
-            raise ImageUnavailable(f"image {uri} was not found")
-        return LoadedImage(pixels=self.images[uri], identity=f"{task_id}:{uri}")
-
-
 class FakeBlob:
     def __init__(self, store: dict, name: str):
         self.store, self.name = store, name
@@ -267,23 +253,17 @@ def export_script(monkeypatch):
     monkeypatch.setattr(script, "connect_label_studio", lambda settings, url=None: fake_connection())
     monkeypatch.setattr(script, "find_project", lambda conn, project: 1)
     monkeypatch.setattr(script, "tasks_from_api", lambda conn, project_id: world.tasks)
-    monkeypatch.setattr(script, "image_fetcher", lambda settings, url, direct: FakeFetcher(world.images))
+    monkeypatch.setattr(script, "image_fetcher", lambda settings, url, direct: FakeImageFetcher(world.images))
     monkeypatch.setattr(script, "gcs_client", lambda settings, credentials=None: FakeGcs(world.objects))
     world.main = lambda *argv: script.main(["--project", "1", "--no-progress", *argv])
     return world
 
 
-def brush_result(mask: np.ndarray, label: str = "Nucleus") -> dict:
-    return {"type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": W,
-            "original_height": H, "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
-
-
 def labelled_task(task_id: int, image: str, cancelled: bool = False) -> dict:
     mask = np.zeros((H, W), bool)
     mask[2:6, 3:9] = True
-    annotation = {"id": 100 + task_id, "result": [brush_result(mask)], "was_cancelled": cancelled,
-                  "updated_at": "2026-01-01T00:00:00Z"}
-    return {"id": task_id, "data": {"image": image}, "annotations": [annotation]}
+    annotation = payloads.annotation(100 + task_id, [payloads.brush(mask)], "2026-01-01T00:00:00Z", cancelled)
+    return payloads.task(task_id, image, annotations=[annotation])
 
 
 def stems(folder: Path) -> list[str]:
@@ -324,7 +304,7 @@ def test_an_export_that_stops_half_way_leaves_the_previous_export_in_place(expor
     export_script.tasks = [labelled_task(1, "gs://b/a.png")]
     assert export_script.main("--out", str(out)) == 0
 
-    class InterruptedAtC(FakeFetcher):
+    class InterruptedAtC(FakeImageFetcher):
         def load(self, uri, task_id=None):
             if uri.endswith("/c.png"):
                 raise KeyboardInterrupt  # Ctrl-C after b's pair was written
@@ -370,7 +350,7 @@ def stored_annotation(task_id, image="gs://b/a.png", **task_fields) -> bytes:
     mask = np.zeros((H, W), bool)
     mask[1:4, 1:4] = True
     task = {"id": task_id, "data": {"image": image}, "project": 1, **task_fields}
-    return json.dumps({"id": 500, "result": [brush_result(mask)], "task": task,
+    return json.dumps({"id": 500, "result": [payloads.brush(mask)], "task": task,
                        "updated_at": "2026-01-01"}).encode()
 
 
@@ -500,14 +480,8 @@ NOT_AN_IMAGE_CONFIG = """<View>
 </View>"""
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_a_brush_tag_on_a_non_image_tag_is_a_clear_4xx_not_a_500(tmp_path, constant_model):
-    with ImageHost({"/ok.png": png(np.zeros((8, 8, 3), np.uint8))}) as images:
+    with HttpHost({"/ok.png": png(np.zeros((8, 8, 3), np.uint8))}) as images:
         settings = base_settings(tmp_path, seg_checkpoint=str(constant_model), image_allowed_hosts=(images.netloc,))
         with segmentation_client(settings) as client:
             body = payloads.predict_body([payloads.task(1, f"{images.url}/ok.png")], config=NOT_AN_IMAGE_CONFIG)

@@ -1,246 +1,52 @@
 """Concurrent annotators against real backend processes on loopback.
 
 - Eight annotators click on eight different images at once for ~10 s against `python -m sam` with
-  the deterministic engine (tests/reliability/deterministic_engine.py), whose exact answer each
+  the deterministic engine (tests/support/engines.py), whose exact answer each
   annotator can compute from its own image and prompt: any cross-talk (another image's embedding,
   another request's prompt) is a wrong mask or score. The embedding cache is capped small
   (EMBEDDING_CACHE_MB) so it evicts all along; /health and /metrics are read during the run and
   the cache's bytes never exceed the cap.
 - The segmentation backend keeps answering /predict (each in < 5 s) while a training run is in
   progress in the same process. Label Studio is a loopback stand-in serving the project export,
-  the project and the uploaded images (`StandInLabelStudio`, also used by test_faults.py).
+  the project and the uploaded images (`StandInLabelStudio` in stack.py, also used by test_faults.py).
 
 Marked e2e (the project's marker for tests that start backend processes on loopback).
 """
 from __future__ import annotations
 
-import http.server
-import json
 import random
-import threading
 import time
-from pathlib import Path
-from typing import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import requests
 
 from bench.load import LABEL_CONFIG as SAM_CONFIG
-from bench.load import (
-    CacheSampler,
-    Click,
-    ImageHost,
-    Prompt,
-    TaskImage,
-    metric_value,
-    png_bytes,
-    run_annotators,
+from bench.load import CacheSampler, Prompt, TaskImage, metric_value, run_annotators
+from tests.reliability.stack import (
+    StandInLabelStudio,
+    check_own_mask,
+    launch,
+    project_state,
+    seed_model,
+    seg_predict,
+    session,
+    start_training,
+    wait_for,
 )
-from devstack.backends import Backend, start_backend
-from tests.reliability.deterministic_engine import (
-    EMBEDDING_BYTES,
-    expected_mask,
-    expected_score,
-    image_signature,
-)
+from tests.support.engines import DETERMINISTIC_ENGINE, EMBEDDING_BYTES, expected_mask, image_signature
+from tests.support.http_host import HttpHost
+from tests.support.images import cells, png
+from tests.support.label_studio import LEGACY_TOKEN as TOKEN
+from tests.support.payloads import PROJECT
 
 pytestmark = pytest.mark.e2e  # starts real backend processes on loopback (the project's e2e marker)
 
-DETERMINISTIC = "tests.reliability.deterministic_engine:DeterministicEngine"
-TOKEN = "0123456789abcdef0123456789abcdef01234567"
-PROJECT = "1.1762076800"
 ANNOTATORS = 8
 IMAGES = 16  # two per annotator
 CACHE_MB = 3.5  # room for three 1 MiB embeddings out of sixteen images: evictions all along
 RUN_SECONDS = 10.0
 PREDICT_BOUND_S = 5.0
-
-SEG_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/></BrushLabels>
-</View>"""
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # loopback only: never through a proxy from the environment
-    return s
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll `condition()` until it returns something truthy; AssertionError after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except (requests.RequestException, ValueError, KeyError) as error:
-            last_error = error
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error})")
-
-
-def launch(name: str, env: dict[str, str], home: Path) -> Backend:
-    """Start `python -m <name>` on a free loopback port, one torch thread, logs under `home`."""
-    base = {"IMAGE_CACHE_DIR": str(home / "image-cache"), "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1",
-            "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}
-    return start_backend(name, {**base, **env}, home / f"{name}.log", timeout=90)
-
-
-def cells(seed: int, size: tuple[int, int] = (96, 96)) -> tuple[np.ndarray, np.ndarray]:
-    """(HxWx3 uint8 image, HxW bool truth): bright disks on a noisy dark background."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    image = rng.integers(0, 50, (height, width, 3)).astype(np.uint8)
-    truth = np.zeros((height, width), bool)
-    rows, cols = np.ogrid[:height, :width]
-    for _ in range(4):
-        cy, cx, r = rng.integers(12, height - 12), rng.integers(12, width - 12), rng.integers(6, 11)
-        truth |= (rows - cy) ** 2 + (cols - cx) ** 2 < r * r
-    image[truth] = (220, 200, 210)
-    return image, truth
-
-
-def brush_annotation(annotation_id: int, mask: np.ndarray) -> dict:
-    from backends.masks.rle import encode_rle
-
-    height, width = mask.shape
-    region = {"id": f"r{annotation_id}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-              "original_width": width, "original_height": height, "image_rotation": 0,
-              "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": ["Nucleus"]}}
-    return {"id": annotation_id, "result": [region], "was_cancelled": False, "ground_truth": False,
-            "created_at": "2026-11-02T10:00:00Z", "updated_at": "2026-11-02T10:00:00Z", "completed_by": 1}
-
-
-class StandInLabelStudio:
-    """What the backends read from Label Studio 1.23, on 127.0.0.1, stoppable and restartable on
-    the same port (a Label Studio that goes down and comes back).
-
-    Project 1 (`label_config`), tasks `images` {task id: (HxWx3 image, HxW truth)}; tasks in
-    `annotated` have one brush annotation made from their truth. Serves /health,
-    /api/projects/1, /api/projects/1/export and /data/upload/1/cells-<id>.png, all but /health
-    with the legacy token checked. `requests` counts requests per path.
-    """
-
-    def __init__(self, images: dict[int, tuple[np.ndarray, np.ndarray]], annotated: set[int],
-                 label_config: str = SEG_CONFIG, port: int = 0):
-        self.images = images
-        self.pngs = {task_id: png_bytes(image) for task_id, (image, _) in images.items()}
-        self.annotated = annotated
-        self.label_config = label_config
-        self.requests: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.port = port
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @staticmethod
-    def upload_path(task_id: int) -> str:
-        return f"/data/upload/1/cells-{task_id}.png"
-
-    def task(self, task_id: int) -> dict:
-        return {"id": task_id, "data": {"image": self.upload_path(task_id)}, "annotations": [], "predictions": []}
-
-    def export(self) -> list[dict]:
-        return [{**self.task(task_id), "annotations": [brush_annotation(10 * task_id, self.images[task_id][1])]}
-                for task_id in sorted(self.annotated)]
-
-    def reply(self, path: str, authorised: bool) -> tuple[int, bytes, str]:
-        if path == "/health":
-            return 200, b'{"status": "UP"}', "application/json"
-        if not authorised:
-            return 401, b'{"detail": "Authentication credentials were not provided."}', "application/json"
-        if path == "/api/projects/1":
-            return 200, json.dumps({"id": 1, "label_config": self.label_config}).encode(), "application/json"
-        if path == "/api/projects/1/export":
-            return 200, json.dumps(self.export()).encode(), "application/json"
-        for task_id, body in self.pngs.items():
-            if path == self.upload_path(task_id):
-                return 200, body, "image/png"
-        return 404, b'{"detail": "Not found."}', "application/json"
-
-    def start(self) -> None:
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                with stand_in._lock:
-                    stand_in.requests[path] = stand_in.requests.get(path, 0) + 1
-                authorised = self.headers.get("Authorization") == f"Token {TOKEN}"
-                status, body, content_type = stand_in.reply(path, authorised)
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = None
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
-
-
-def seed_model(model_dir: Path, labels: tuple[str, ...] = ("Nucleus",)) -> str:
-    """Write a complete (randomly initialised) model version for project 1, as the trainer does;
-    returns its version name."""
-    import torch
-
-    from segmentation.network import NetworkConfig, build_network
-    from segmentation.versions import save_version
-
-    torch.manual_seed(0)
-    config = NetworkConfig(n_classes=len(labels) + 1)
-    info = save_version(model_dir / "project-1", build_network(config).state_dict(), labels=labels, network=config,
-                        metrics={"val_dice": {label: None for label in labels}}, training={"seeded_by": "test"})
-    return info.version
-
-
-def seg_predict(client: requests.Session, backend: Backend, task: dict, timeout_s: float = 30.0) -> requests.Response:
-    body = {"tasks": [task], "project": PROJECT, "label_config": SEG_CONFIG,
-            "params": {"login": None, "password": None, "context": None}}
-    return client.post(f"{backend.url}/predict", json=body, timeout=timeout_s)
-
-
-def project_state(client: requests.Session, backend: Backend) -> dict:
-    return client.get(f"{backend.url}/health", timeout=5).json().get("projects", {}).get("1", {})
-
-
-def start_training(client: requests.Session, backend: Backend) -> None:
-    began = time.monotonic()
-    response = client.post(f"{backend.url}/webhook", json={"action": "START_TRAINING",
-                                                           "project": {"id": 1, "label_config": SEG_CONFIG}}, timeout=5)
-    assert response.status_code == 200 and response.json()["status"] == "ok", response.text
-    assert time.monotonic() - began < 1.0, "Label Studio waits 1 s for a webhook"
 
 
 # --------------------------------------------------------------------------- SAM: annotators
@@ -253,7 +59,7 @@ def synthetic_images(count: int) -> list[TaskImage]:
         rng = np.random.default_rng(100 + index)
         height, width = 48 + 4 * index, 64 + 3 * index
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        images.append(TaskImage(1000 + index, f"/img-{index}.png", png_bytes(pixels), pixels, ()))
+        images.append(TaskImage(1000 + index, f"/img-{index}.png", png(pixels), pixels, ()))
     return images
 
 
@@ -267,44 +73,18 @@ def random_click(rng: random.Random, image: TaskImage) -> Prompt:
     return Prompt((x0, y0, x1, y1), tuple(inside), (1, 0))
 
 
-def check_own_mask(click: Click) -> str | None:
-    """None when the answer is exactly the deterministic engine's mask and score for this image and prompt."""
-    from backends.masks.rle import decode_rle
-
-    image, prompt = click.image, click.prompt
-    results = click.answer.get("results") or []
-    if len(results) != 1 or len(results[0].get("result") or []) != 1:
-        return f"expected one prediction with one region, got {json.dumps(click.answer)[:200]}"
-    prediction = results[0]
-    region = prediction["result"][0]
-    if region["type"] != "brushlabels" or region["value"]["brushlabels"] != ["Nucleus"]:
-        return f"wrong region type or label: {region['type']} {region['value'].get('brushlabels')}"
-    if (region["original_width"], region["original_height"]) != (image.width, image.height):
-        return (f"region is for a {region['original_width']}x{region['original_height']} image, "
-                f"this one is {image.width}x{image.height}")
-    signature = image_signature(image.pixels)
-    mask = decode_rle(region["value"]["rle"], image.height, image.width)
-    expected = expected_mask(signature, image.height, image.width, prompt.box, prompt.points, prompt.point_labels)
-    if not np.array_equal(mask, expected):
-        return f"mask differs from this image's and prompt's in {int((mask != expected).sum())} pixels"
-    if abs(prediction["score"] - expected_score(signature)) > 1e-9:
-        return f"score {prediction['score']} is not this image's ({expected_score(signature)})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def synthetic_host():
     images = synthetic_images(IMAGES)
     assert len({image_signature(image.pixels) for image in images}) == IMAGES
-    with ImageHost({image.path: image.png for image in images}) as host:
-        host.images = images
-        yield host
+    with HttpHost({image.path: image.png for image in images}) as host:
+        yield SimpleNamespace(url=host.url, netloc=host.netloc, images=images)
 
 
 @pytest.fixture(scope="module")
 def sam_backend(synthetic_host, tmp_path_factory):
     home = tmp_path_factory.mktemp("sam-concurrency")
-    backend = launch("sam", {"SAM_ENGINE": DETERMINISTIC, "EMBEDDING_CACHE_MB": str(CACHE_MB),
+    backend = launch("sam", {"SAM_ENGINE": DETERMINISTIC_ENGINE, "EMBEDDING_CACHE_MB": str(CACHE_MB),
                              "IMAGE_ALLOWED_HOSTS": synthetic_host.netloc}, home)
     yield backend
     backend.stop()

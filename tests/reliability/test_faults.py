@@ -14,24 +14,19 @@
 """
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from bench.load import Click, Prompt, TaskImage, click_context, png_bytes, predict_body
+from bench.load import Click, Prompt, TaskImage, click_context, predict_body
 from devstack.processes import free_port
-from tests.reliability.test_concurrency import (
-    DETERMINISTIC,
-    TOKEN,
+from tests.reliability.stack import (
     StandInLabelStudio,
-    cells,
     check_own_mask,
     launch,
     project_state,
@@ -41,12 +36,16 @@ from tests.reliability.test_concurrency import (
     start_training,
     wait_for,
 )
+from tests.support.engines import DETERMINISTIC_ENGINE
+from tests.support.http_host import PNG, HttpHost, Reply, sequence
+from tests.support.images import cells, png
+from tests.support.label_studio import LEGACY_TOKEN as TOKEN
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes on loopback
 
 FAIL_FAST_S = 3.0
 FETCH_RETRIES = 2  # IMAGE_FETCH_RETRIES: 3 attempts in all
-FIRST_BACKOFF_S = 0.25  # backends.images.fetcher.ImageFetcher.backoff_s
+FIRST_BACKOFF_S = 0.25  # backends.images.retries.FIRST_BACKOFF_S
 
 
 def kill_9(backend) -> None:
@@ -113,54 +112,13 @@ def test_kill_9_during_training_keeps_the_last_good_model_and_training_resumes(t
 # --------------------------------------------------------------------------- Label Studio down, image host 500
 
 
-class CountingImageHost:
-    """Loopback image host recording (monotonic time, path) of every GET.
-
-    /always-500.png: HTTP 500; /flaky.png: 500 for its first `flaky_failures` GETs, then the PNG;
-    /gone.png: 404.
-    """
-
-    def __init__(self, image: np.ndarray, flaky_failures: int = 2):
-        self.png = png_bytes(image)
-        self.flaky_failures = flaky_failures
-        self.gets: list[tuple[float, str]] = []
-        host = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                host.gets.append((time.monotonic(), path))
-                status, body = 404, b"not found"
-                if path == "/always-500.png":
-                    status, body = 500, b"<html>Internal Server Error</html>"
-                elif path == "/flaky.png":
-                    failed = sum(1 for _, p in host.gets if p == path) <= host.flaky_failures
-                    status, body = (500, b"<html>busy</html>") if failed else (200, host.png)
-                self.send_response(status)
-                self.send_header("Content-Type", "image/png" if status == 200 else "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def netloc(self) -> str:
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    def times(self, path: str) -> list[float]:
-        return [t for t, p in self.gets if p == path]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+def failing_image_host(image: np.ndarray, flaky_failures: int = 2) -> HttpHost:
+    """Loopback image host (arrival times per path: `times(path)`). /always-500.png: HTTP 500;
+    /flaky.png: 500 for its first `flaky_failures` GETs, then the PNG; anything else: 404."""
+    error = Reply(500, b"<html>Internal Server Error</html>", {"Content-Type": "text/html"})
+    busy = Reply(500, b"<html>busy</html>", {"Content-Type": "text/html"})
+    return HttpHost({"/always-500.png": error,
+                     "/flaky.png": sequence(*[busy] * flaky_failures, Reply(200, png(image), PNG))})
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +128,12 @@ def degraded_stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("faults")
     images = {task_id: cells(task_id) for task_id in range(1, 13)}
     label_studio = StandInLabelStudio(images, annotated=set())
-    image_host = CountingImageHost(images[1][0])
+    image_host = failing_image_host(images[1][0]).start()
     common = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
               "IMAGE_FETCH_RETRIES": str(FETCH_RETRIES), "IMAGE_FETCH_TIMEOUT": "5"}
     started = []
     try:
-        started.append(launch("sam", {**common, "SAM_ENGINE": DETERMINISTIC, "EMBEDDING_CACHE_MB": "8",
+        started.append(launch("sam", {**common, "SAM_ENGINE": DETERMINISTIC_ENGINE, "EMBEDDING_CACHE_MB": "8",
                                       "IMAGE_ALLOWED_HOSTS": image_host.netloc}, home / "sam"))
         seeded = seed_model(home / "models")
         started.append(launch("segmentation", {**common, "MODEL_DIR": str(home / "models"), "DEVICE": "cpu"},
@@ -185,7 +143,7 @@ def degraded_stack(tmp_path_factory):
     finally:
         for backend in reversed(started):
             backend.stop()
-        image_host.close()
+        image_host.stop()
         label_studio.stop()
 
 
@@ -328,7 +286,7 @@ def fill_bucket(emulator, bucket: str, prefix: str, count: int) -> dict[str, dic
     objects, expected = {}, {}
     for index in range(count):
         name = f"{prefix}/img-{index}.png"
-        objects[name] = png_bytes(cells(200 + index, (32, 32))[0])
+        objects[name] = png(cells(200 + index, (32, 32))[0])
         metadata = {"sample": f"S{index}", "stain": "DAPI"}
         objects[f"{prefix}/img-{index}.json"] = json.dumps(metadata).encode()
         expected[f"gs://{bucket}/{name}"] = metadata

@@ -23,13 +23,15 @@ import schemathesis
 from hypothesis import given
 
 from backends.masks.rle import decode_rle
-from tests import ls_payloads as payloads
 from tests.reliability import strategies
+from tests.reliability.backend_process import BackendProcess
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings
-from tests.reliability.conftest import BOX_ENGINE, base_settings, sam_client, segmentation_client
-from tests.reliability.servers import BackendProcess, ImageHost, fuzz_label_studio
-from tests.unit.fake_http import Reply
-from tests.unit.hostile_images import noisy_rgb, png, quadrant_rgb, truncated
+from tests.reliability.conftest import base_settings, sam_client, segmentation_client
+from tests.support import payloads
+from tests.support.engines import BOX_ENGINE
+from tests.support.http_host import HttpHost, Reply
+from tests.support.images import noisy_rgb, png, quadrant_rgb, truncated
+from tests.support.label_studio import FakeLabelStudio
 
 POSITIVE_CASES, NEGATIVE_CASES, SHAPED_CASES, GET_CASES = 300, 200, 500, 1000
 HTTP_CASES = 150  # per POST endpoint and backend over real HTTP (each costs a loopback round trip)
@@ -42,7 +44,7 @@ sent: collections.Counter = collections.Counter()  # (backend, endpoint) -> requ
 
 @dataclasses.dataclass
 class World:
-    images: ImageHost
+    images: HttpHost
     label_studio: object
     clients: dict
     uris: list[str]
@@ -53,9 +55,9 @@ class World:
 def world(tmp_path_factory, constant_model):
     tmp = tmp_path_factory.mktemp("fuzz")
     ok_png = png(quadrant_rgb(24, 32))
-    with ImageHost({"/ok.png": ok_png, "/tiny.png": png(np.zeros((1, 1, 3), np.uint8)),
+    with HttpHost({"/ok.png": ok_png, "/tiny.png": png(np.zeros((1, 1, 3), np.uint8)),
                     "/truncated.png": truncated(png(noisy_rgb())), "/page.html": Reply(200, b"<html>login</html>")}) as images, \
-            fuzz_label_studio() as label_studio:
+            FakeLabelStudio() as label_studio:
         label_studio.files["/data/upload/1/ok.png"] = Reply(200, ok_png)
         label_studio.resolve["gs://bucket/ok.png"] = Reply(200, ok_png)
         common = dict(label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,

@@ -26,12 +26,12 @@ from PIL import Image
 from backends.images.disk_cache import cache_file_name
 from backends.images.fetcher import ImageFetcher
 from backends.masks.rle import decode_rle
-from tests import ls_payloads as payloads
 from tests.reliability.checks import check_answer, check_healthy, describe
-from tests.reliability.conftest import RED_ENGINE, base_settings, sam_client, segmentation_client
-from tests.reliability.servers import ImageHost
-from tests.unit.fake_http import LoopbackServer, Reply, SilentSocket
-from tests.unit.hostile_images import (
+from tests.reliability.conftest import base_settings, sam_client, segmentation_client
+from tests.support import payloads
+from tests.support.engines import RED_ENGINE
+from tests.support.http_host import HttpHost, Reply, SilentSocket
+from tests.support.images import (
     encode,
     jpeg_with_orientation,
     noisy_rgb,
@@ -87,9 +87,9 @@ VALID = ("/gray16.png", "/palette.png", "/cmyk.jpg")
 
 @dataclasses.dataclass
 class Setup:
-    images: ImageHost
+    images: HttpHost
     silent: SilentSocket
-    secret: LoopbackServer
+    secret: HttpHost
     clients: dict
     cache_dirs: dict
 
@@ -101,17 +101,17 @@ class Setup:
 def setup(tmp_path_factory, constant_model):
     tmp = tmp_path_factory.mktemp("hostile")
     # A loopback "internal service" outside the allow-list: it must never be asked for anything.
-    with LoopbackServer(lambda request: Reply(200, png(quadrant_rgb(8, 8)))) as secret, \
+    with HttpHost(app=lambda request: Reply(200, png(quadrant_rgb(8, 8)))) as secret, \
             SilentSocket() as silent:
         secret_url = f"http://localhost:{secret.port}"
-        with ImageHost(_corpus(secret_url)) as images:
+        with HttpHost(_corpus(secret_url)) as images:
             allowed = (images.netloc, silent.url.split("//")[1])
             common = dict(image_allowed_hosts=allowed, image_fetch_timeout_s=FETCH_TIMEOUT_S, image_fetch_retries=1)
             sam_settings = base_settings(tmp / "sam", sam_engine=RED_ENGINE, **common)
             seg_settings = base_settings(tmp / "seg", seg_checkpoint=str(constant_model), **common)
             with sam_client(sam_settings) as sam, segmentation_client(seg_settings) as seg:
                 for client in (sam, seg):
-                    client.app.state.context.images.backoff_s = 0.05
+                    client.app.state.server.runtime.label_studio.backoff_s = 0.05
                 yield Setup(images, silent, secret, {"sam": sam, "segmentation": seg},
                             {"sam": sam_settings.image_cache_dir, "segmentation": seg_settings.image_cache_dir})
 

@@ -31,14 +31,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.logs import RedactingFilter
-from backends.masks.rle import encode_rle
-from tests import ls_payloads as payloads
+from tests.reliability.backend_process import BackendProcess
 from tests.reliability.checks import check_answer, check_healthy, describe, fuzz_settings
-from tests.reliability.conftest import BOX_ENGINE, base_settings, sam_client, segmentation_client
+from tests.reliability.conftest import base_settings, sam_client, segmentation_client
 from tests.reliability.models import save_constant_segmentation_model, save_malicious_checkpoint
-from tests.reliability.servers import BackendProcess, ImageHost
-from tests.unit.fake_http import FakeLabelStudio, LoopbackServer, Reply
-from tests.unit.hostile_images import png, quadrant_rgb
+from tests.support import payloads
+from tests.support.engines import BOX_ENGINE
+from tests.support.http_host import PNG, HttpHost, Reply
+from tests.support.images import png, quadrant_rgb
+from tests.support.label_studio import FakeLabelStudio
 
 GOOD_PNG = png(quadrant_rgb(24, 32))
 BOX = payloads.rectangle(25, 25, 50, 50, original=(32, 24))
@@ -74,12 +75,12 @@ def leaky_world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secrets")
     fake = FakeLabelStudio(access_lifetime_s=60)
     fake.legacy_token = secrets.token_hex(20)
-    fake.files["/data/upload/1/good.png"] = Reply(200, GOOD_PNG, {"Content-Type": "image/png"})
-    fake.resolve["gs://bucket/good.png"] = Reply(200, GOOD_PNG, {"Content-Type": "image/png"})
+    fake.files["/data/upload/1/good.png"] = Reply(200, GOOD_PNG, PNG)
+    fake.resolve["gs://bucket/good.png"] = Reply(200, GOOD_PNG, PNG)
     key = service_account_key()
     key_file = tmp / "service-account.json"
     key_file.write_text(json.dumps(key))
-    with fake, ImageHost({"/good.png": GOOD_PNG}) as images:
+    with fake, HttpHost({"/good.png": GOOD_PNG}) as images:
         yield {
             "fake": fake, "images": images, "tmp": tmp, "key": key, "key_file": key_file,
             "basic_user": "labelstudio", "basic_pass": "pw-" + secrets.token_urlsafe(18),
@@ -181,7 +182,7 @@ def test_without_the_redacting_filter_the_secret_would_be_logged(tmp_path):
     urllib3_log.addHandler(handler)
     urllib3_log.setLevel(logging.DEBUG)
     try:
-        with ImageHost({"/good.png": GOOD_PNG}) as images, \
+        with HttpHost({"/good.png": GOOD_PNG}) as images, \
                 sam_client(base_settings(tmp_path, sam_engine=BOX_ENGINE, image_allowed_hosts=(images.netloc,))) as client:
             uri = f"{images.url}/good.png?X-Goog-Signature={signature}&token={token}"
             response = client.post("/predict", json=payloads.predict_body([payloads.task(1, uri)], {"result": [BOX]}))
@@ -206,9 +207,9 @@ def guarded(tmp_path_factory):
     an internal loopback service on another port that must never be contacted."""
     tmp = tmp_path_factory.mktemp("allow-list")
     fake = FakeLabelStudio()
-    fake.files["/data/upload/1/good.png"] = Reply(200, GOOD_PNG, {"Content-Type": "image/png"})
-    with fake, ImageHost({"/good.png": GOOD_PNG}) as images, \
-            LoopbackServer(lambda request: Reply(200, GOOD_PNG, {"Content-Type": "image/png"})) as internal:
+    fake.files["/data/upload/1/good.png"] = Reply(200, GOOD_PNG, PNG)
+    with fake, HttpHost({"/good.png": GOOD_PNG}) as images, \
+            HttpHost(app=lambda request: Reply(200, GOOD_PNG, PNG)) as internal:
         images.add("/to-internal", Reply(302, b"", {"Location": f"{internal.url}/good.png"}))
         images.add("/to-metadata", Reply(307, b"", {"Location": "http://169.254.169.254/computeMetadata/v1/"}))
         settings = base_settings(tmp, sam_engine=BOX_ENGINE, label_studio_url=fake.url,
@@ -266,7 +267,7 @@ def test_label_studio_token_goes_to_label_studio_only(guarded):
         assert response.status_code == 200, describe(response)
     assert [r.headers.get("Authorization") for r in fake.server.requests if r.path == "/data/upload/1/good.png"] \
         == [f"Token {fake.legacy_token}"]
-    assert all("Authorization" not in request.headers for request in images.server.requests)
+    assert all("Authorization" not in request.headers for request in images.requests)
 
 
 def test_direct_gcs_read_fails_within_the_fetch_timeout(monkeypatch, tmp_path):
@@ -305,9 +306,7 @@ def big_interactive_body(megabytes: float, image_url: str) -> bytes:
     """An interactive /predict whose task carries annotations with large brush RLE (as Label Studio
     sends them), padded to about `megabytes` MiB."""
     rng = np.random.default_rng(0)
-    region = {"type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": 256,
-              "original_height": 256, "value": {"format": "rle", "brushlabels": ["Nucleus"],
-                                                  "rle": encode_rle(rng.random((256, 256)) > 0.5)}}
+    region = payloads.brush(rng.random((256, 256)) > 0.5)
     task = payloads.task(1, image_url)
     body = payloads.predict_body([task], {"result": [BOX]})
     size_of_one = len(json.dumps(region))
@@ -319,7 +318,7 @@ def big_interactive_body(megabytes: float, image_url: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    with ImageHost({"/good.png": GOOD_PNG}) as images:
+    with HttpHost({"/good.png": GOOD_PNG}) as images:
         settings = base_settings(tmp_path_factory.mktemp("limits"), sam_engine=BOX_ENGINE, max_request_mb=8,
                                  image_allowed_hosts=(images.netloc,), basic_auth_user="ls", basic_auth_pass="s3cret-pass")
         with sam_client(settings) as client:

@@ -13,7 +13,6 @@ from backends.masks.coords import (
     percent_point_to_pixels,
     percent_to_pixels,
     pixels_to_percent,
-    validate_box,
 )
 from backends.errors import BadRequest
 
@@ -104,10 +103,3 @@ def test_percent_pixel_round_trip(points, width, height):
 def test_bad_point_arrays_raise_bad_request(points):
     with pytest.raises(BadRequest):
         pixels_to_percent(points, 10, 10)
-
-
-def test_validate_box():
-    validate_box((1, 1, 5, 5), 10, 10)
-    for box in [(5, 1, 5, 5), (1, 1, float("inf"), 5), (10, 0, 12, 5), (-5, -5, 0, 0)]:
-        with pytest.raises(BadRequest):
-            validate_box(box, 10, 10)

@@ -29,7 +29,9 @@ def test_round_trip_under_hashed_names(tmp_path):
     assert cache.get(identity) == b"abc"
     names = os.listdir(tmp_path / "c")
     assert names == [hashlib.sha256(identity.encode()).hexdigest()]
-    assert cache.stats() == {"hits": 1, "misses": 1, "evictions": 0, "bytes": 3, "entries": 1, "capacity_bytes": 1000}
+    counts = {"hits": cache.hits, "misses": cache.misses, "evictions": cache.evictions, "bytes": cache.total_bytes,
+              "entries": len(cache), "capacity_bytes": cache.capacity_bytes}
+    assert counts == {"hits": 1, "misses": 1, "evictions": 0, "bytes": 3, "entries": 1, "capacity_bytes": 1000}
 
 
 def test_least_recently_used_is_evicted_first(tmp_path):

@@ -18,10 +18,16 @@ from backends.errors import (
 from backends.images.decode import decode_image
 from backends.images.fetcher import ImageFetcher, LoadedImage
 from backends.settings import Settings
-from tests.unit import hostile_images as hi
-from tests.unit.fake_http import FakeLabelStudio, LoopbackServer, Reply, SilentSocket, closed_port_url
-
-PNG = {"Content-Type": "image/png"}
+from tests.support import images as hi
+from tests.support.http_host import (
+    PNG,
+    HttpHost,
+    Reply,
+    SilentSocket,
+    closed_port_url,
+    sequence,
+)
+from tests.support.label_studio import FakeLabelStudio
 
 
 @pytest.fixture
@@ -39,7 +45,8 @@ def make_fetcher(tmp_path: Path, **overrides) -> ImageFetcher:
     )
     options.update(overrides)
     fetcher = ImageFetcher(Settings(**options))
-    fetcher.backoff_s = 0.01
+    fetcher.label_studio.backoff_s = 0.01  # downloads
+    fetcher.backoff_s = 0.01  # direct GCS reads
     return fetcher
 
 
@@ -65,15 +72,15 @@ def test_local_files_path_keeps_its_query(ls, tmp_path):
 def test_setup_hostname_and_token_are_used_but_settings_win(ls, tmp_path):
     ls.files["/data/upload/1/a.png"] = Reply(200, hi.png(hi.quadrant_rgb()), PNG)
     fetcher = make_fetcher(tmp_path)
-    fetcher.configure(hostname=ls.url + "/", access_token=ls.legacy_token)
-    assert fetcher.label_studio_url == ls.url
+    fetcher.label_studio.configure(hostname=ls.url + "/", access_token=ls.legacy_token)
+    assert fetcher.label_studio.url == ls.url
     fetcher.load("/data/upload/1/a.png", 1)
     assert ls.server.requests[-1].headers["Authorization"] == f"Token {ls.legacy_token}"
 
     pinned = make_fetcher(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.pat)
-    pinned.configure(hostname="http://elsewhere.invalid:1", access_token=ls.legacy_token)
-    assert pinned.label_studio_url == ls.url
-    assert pinned.auth().is_pat
+    pinned.label_studio.configure(hostname="http://elsewhere.invalid:1", access_token=ls.legacy_token)
+    assert pinned.label_studio.url == ls.url
+    assert pinned.label_studio.auth().is_pat
 
 
 def test_missing_token_is_named_in_the_error(ls, tmp_path):
@@ -97,7 +104,7 @@ def test_login_page_redirect_counts_as_unauthorised(tmp_path):
             return Reply(200, b"<!DOCTYPE html><html>login</html>", {"Content-Type": "text/html"})
         return Reply(302, b"", {"Location": "/user/login/?next=" + request.path})
 
-    with LoopbackServer(app) as server:
+    with HttpHost(app=app) as server:
         fetcher = make_fetcher(tmp_path, label_studio_url=server.url, label_studio_api_key="a" * 40)
         with pytest.raises(ImageUnavailable, match="refused access"):
             fetcher.load("/data/upload/1/a.png", 1)
@@ -131,7 +138,7 @@ def test_gs_uri_is_resolved_through_label_studio(ls, tmp_path):
 
 def test_resolve_redirect_to_a_signed_url_is_followed_without_the_token(ls, tmp_path):
     pixels = hi.quadrant_rgb()
-    with LoopbackServer(lambda request: Reply(200, hi.png(pixels), PNG)) as storage:
+    with HttpHost(app=lambda request: Reply(200, hi.png(pixels), PNG)) as storage:
         ls.resolve["s3://bucket/a.png"] = Reply(
             303, b"", {"Location": f"{storage.url}/bucket/a.png?X-Amz-Signature=abc&X-Amz-Expires=60"}
         )
@@ -163,7 +170,7 @@ def test_identity_strips_signatures_but_keeps_the_rest():
 
 # ----------------------------------------------------------------------------- SSRF guard
 def test_host_outside_the_allow_list_is_forbidden(tmp_path):
-    with LoopbackServer(lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as other:
+    with HttpHost(app=lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as other:
         fetcher = make_fetcher(tmp_path, label_studio_url=closed_port_url())
         with pytest.raises(ForbiddenImageSource) as info:
             fetcher.load(f"{other.url}/a.png?secret=s3cr3t", 1)
@@ -181,8 +188,8 @@ def test_host_outside_the_allow_list_is_forbidden(tmp_path):
 
 
 def test_redirect_escaping_the_allow_list_is_forbidden(tmp_path):
-    with LoopbackServer(lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as outside:
-        with LoopbackServer(lambda request: Reply(302, b"", {"Location": f"{outside.url}/x.png"})) as allowed:
+    with HttpHost(app=lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as outside:
+        with HttpHost(app=lambda request: Reply(302, b"", {"Location": f"{outside.url}/x.png"})) as allowed:
             fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{allowed.port}",))
             with pytest.raises(ForbiddenImageSource, match=f"127.0.0.1:{outside.port}"):
                 fetcher.load(f"{allowed.url}/a.png", 1)
@@ -190,7 +197,7 @@ def test_redirect_escaping_the_allow_list_is_forbidden(tmp_path):
 
 
 def test_redirect_loops_are_bounded(tmp_path):
-    with LoopbackServer(lambda request: Reply(302, b"", {"Location": "/again"})) as looping:
+    with HttpHost(app=lambda request: Reply(302, b"", {"Location": "/again"})) as looping:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{looping.port}",))
         with pytest.raises(ImageUnavailable, match="too many redirects"):
             fetcher.load(f"{looping.url}/a.png", 1)
@@ -217,7 +224,7 @@ def test_metadata_addresses_are_forbidden_even_when_listed(host, tmp_path):
 
 
 def test_redirect_to_metadata_is_forbidden(tmp_path):
-    with LoopbackServer(lambda r: Reply(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})) as hop:
+    with HttpHost(app=lambda r: Reply(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})) as hop:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{hop.port}", "169.254.169.254"))
         with pytest.raises(ForbiddenImageSource, match="169.254.169.254"):
             fetcher.fetch_bytes(f"{hop.url}/a.png", 1)
@@ -228,7 +235,7 @@ def test_redirect_to_metadata_is_forbidden(tmp_path):
 def test_size_limit_stops_reading(declare_length, tmp_path):
     body = hi.png(hi.noisy_rgb(64, 64))
     assert len(body) > 5000
-    with LoopbackServer(lambda r: Reply(200, body, PNG, content_length=declare_length)) as host:
+    with HttpHost(app=lambda r: Reply(200, body, PNG, content_length=declare_length)) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",), image_max_bytes=4096)
         with pytest.raises(ImageUnavailable, match="larger than the limit"):
             fetcher.fetch_bytes(f"{host.url}/big.png", 1)
@@ -240,7 +247,7 @@ def test_size_limit_stops_reading(declare_length, tmp_path):
 def test_pixel_bomb_header_is_refused_before_decoding(side, limit, tmp_path):
     bomb = hi.png_header_only(side, side)
     assert len(bomb) < 200
-    with LoopbackServer(lambda r: Reply(200, bomb, PNG)) as host:
+    with HttpHost(app=lambda r: Reply(200, bomb, PNG)) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",), image_max_pixels=limit)
         started = time.monotonic()
         with pytest.raises(ImageUnavailable, match="too large"):
@@ -270,14 +277,14 @@ def test_label_studio_down_is_reported_as_unavailable(tmp_path):
                            image_fetch_retries=1)
     with pytest.raises(LabelStudioUnavailable, match="could not be reached"):
         fetcher.fetch_bytes("/data/upload/1/a.png", 1)
-    assert fetcher.check_label_studio() is False
+    assert fetcher.label_studio.health() is False
 
 
 def test_fetches_fail_fast_while_the_probe_says_label_studio_hangs(tmp_path):
     with SilentSocket() as silent:
         fetcher = make_fetcher(tmp_path, label_studio_url=silent.url, label_studio_api_key="a" * 40,
                                image_fetch_timeout_s=5.0, image_fetch_retries=2)
-        assert fetcher.check_label_studio() is False
+        assert fetcher.label_studio.health() is False
         started = time.monotonic()
         with pytest.raises(LabelStudioUnavailable):
             fetcher.fetch_bytes("/data/upload/1/a.png", 1)
@@ -286,10 +293,10 @@ def test_fetches_fail_fast_while_the_probe_says_label_studio_hangs(tmp_path):
 
 
 def test_label_studio_health_probe(ls, tmp_path):
-    assert make_fetcher(tmp_path, label_studio_url=ls.url).check_label_studio() is True
+    assert make_fetcher(tmp_path, label_studio_url=ls.url).label_studio.health() is True
     ls.healthy = False
-    assert make_fetcher(tmp_path, label_studio_url=ls.url).check_label_studio() is False
-    assert make_fetcher(tmp_path).check_label_studio() is False
+    assert make_fetcher(tmp_path, label_studio_url=ls.url).label_studio.health() is False
+    assert make_fetcher(tmp_path).label_studio.health() is False
 
 
 def test_server_error_then_success_is_retried(tmp_path):
@@ -300,14 +307,14 @@ def test_server_error_then_success_is_retried(tmp_path):
         calls.append(request.path)
         return Reply(503, b"busy") if len(calls) == 1 else Reply(200, body, PNG)
 
-    with LoopbackServer(app) as host:
+    with HttpHost(app=app) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",))
         assert fetcher.fetch_bytes(f"{host.url}/a.png", 1) == body
         assert len(calls) == 2
 
 
 def test_persistent_server_error_is_bounded(tmp_path):
-    with LoopbackServer(lambda r: Reply(500, b"boom")) as host:
+    with HttpHost(app=lambda r: Reply(500, b"boom")) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",), image_fetch_retries=2)
         with pytest.raises(ImageUnavailable, match="HTTP 500"):
             fetcher.fetch_bytes(f"{host.url}/a.png", 1)
@@ -315,7 +322,7 @@ def test_persistent_server_error_is_bounded(tmp_path):
 
 
 def test_not_found_is_not_retried(tmp_path):
-    with LoopbackServer(lambda r: Reply(404, b"no")) as host:
+    with HttpHost(app=lambda r: Reply(404, b"no")) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",))
         with pytest.raises(ImageUnavailable, match="not found"):
             fetcher.fetch_bytes(f"{host.url}/a.png", 1)
@@ -333,7 +340,7 @@ def test_unreadable_bodies_give_clear_errors(kind, tmp_path):
         "jpeg": hi.truncated(hi.encode(noisy, "JPEG")),
     }[kind]
     expected = {"empty": "empty", "html": "HTML", "png": "not a readable image", "jpeg": "not a readable image"}[kind]
-    with LoopbackServer(lambda r: Reply(200, body, PNG)) as host:
+    with HttpHost(app=lambda r: Reply(200, body, PNG)) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",))
         with pytest.raises(ImageUnavailable, match=expected) as info:
             fetcher.load(f"{host.url}/a.png", 1)
@@ -406,7 +413,7 @@ def test_cmyk_jpeg_is_converted_to_rgb():
 # ----------------------------------------------------------------------------- cache
 def test_cache_hit_avoids_a_second_request_even_when_resigned(tmp_path):
     body = hi.png(hi.quadrant_rgb())
-    with LoopbackServer(lambda r: Reply(200, body, PNG)) as host:
+    with HttpHost(app=lambda r: Reply(200, body, PNG)) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",), image_cache_mb=1)
         first = fetcher.load(f"{host.url}/a.png?X-Goog-Signature=one&X-Goog-Expires=60", 4)
         second = fetcher.load(f"{host.url}/a.png?X-Goog-Signature=two&X-Goog-Expires=60", 4)
@@ -415,12 +422,12 @@ def test_cache_hit_avoids_a_second_request_even_when_resigned(tmp_path):
         assert len(host.requests) == 1
         fetcher.load(f"{host.url}/a.png", 5)  # another task: its own entry
         assert len(host.requests) == 2
-        assert fetcher.cache.stats()["hits"] == 1
+        assert fetcher.cache.hits == 1
 
 
 def test_error_pages_are_not_cached(tmp_path):
-    replies = [Reply(200, b"<html>maintenance</html>"), Reply(200, hi.png(hi.quadrant_rgb()), PNG)]
-    with LoopbackServer(lambda r: replies.pop(0)) as host:
+    maintenance = Reply(200, b"<html>maintenance</html>")
+    with HttpHost(app=sequence(maintenance, Reply(200, hi.png(hi.quadrant_rgb()), PNG))) as host:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{host.port}",), image_cache_mb=1)
         with pytest.raises(ImageUnavailable, match="HTML"):
             fetcher.load(f"{host.url}/a.png", 1)

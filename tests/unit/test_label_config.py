@@ -5,6 +5,7 @@ import pytest
 
 from backends.errors import BadRequest
 from backends.label_studio.label_config import (
+    PROMPT_TYPES,
     ControlTag,
     LabelConfigError,
     parse_label_config,
@@ -33,22 +34,22 @@ SAM_EXAMPLE = """
 def test_sam_example_config():
     config = parse_label_config(SAM_EXAMPLE)
     assert config.images == {"image": "image"}
-    brush = config.brush_for("image")
-    assert brush == ControlTag("tag", "BrushLabels", "image", ("Banana", "Orange"), False)
-    assert config.polygon_for("image") is None
-    assert [tag.name for tag in config.prompt_tags()] == ["tag2", "tag3"]
-    assert all(tag.smart for tag in config.prompt_tags())
+    brush = ControlTag("tag", "BrushLabels", "image", ("Banana", "Orange"), False)
+    assert config.output_tags("image") == (brush,)  # the brush tag, and no polygon tag
+    assert config.output_images() == ("image",) and config.primary_image() == "image"
+    prompt_tags = [tag for tag in config.controls if tag.type in PROMPT_TYPES]
+    assert [tag.name for tag in prompt_tags] == ["tag2", "tag3"]
+    assert all(tag.smart for tag in prompt_tags)
     assert config.output_labels() == ("Banana", "Orange")
-    assert config.output_for_prompt("tag3", "Orange") == (brush, "Orange")
+    assert config.output_tags("image", "Orange") == (brush,)
     require_segmentation_output(config)
 
 
-def test_prompt_label_missing_from_the_brush_tag_is_a_bad_request():
+def test_a_label_missing_from_the_brush_tag_has_no_output_tag():
     config = parse_label_config(SAM_EXAMPLE.replace('<Label value="Orange" background="#0d14d3"/>', ""))
-    with pytest.raises(BadRequest, match="Orange"):
-        config.output_for_prompt("tag2", "Orange")
-    with pytest.raises(BadRequest, match="nope"):
-        config.output_for_prompt("nope", "Banana")
+    assert config.output_tags("image", "Orange") == ()
+    assert [tag.name for tag in config.output_tags("image", "Banana")] == ["tag"]
+    assert config.output_tags("nope") == ()
 
 
 def test_nested_views_polygons_and_label_order():
@@ -68,10 +69,11 @@ def test_nested_views_polygons_and_label_order():
       </View>
     </View>""")
     assert config.images == {"img": "url"}
-    assert config.polygon_for("img").labels == ("Mother", "Bud")
-    assert config.brush_for("img").labels == ("Bud", "Debris")
+    polygon, brush = config.output_tags("img")
+    assert polygon.type == "PolygonLabels" and polygon.labels == ("Mother", "Bud")
+    assert brush.type == "BrushLabels" and brush.labels == ("Bud", "Debris")
     assert config.output_labels() == ("Mother", "Bud", "Debris")
-    assert config.prompt_tags() == ()
+    assert [tag for tag in config.controls if tag.type in PROMPT_TYPES] == []
 
 
 def test_several_images_and_comma_separated_to_name():
@@ -81,12 +83,13 @@ def test_several_images_and_comma_separated_to_name():
       <BrushLabels name="brush" toName="left, right"><Label value="Cell"/></BrushLabels>
       <RectangleLabels name="box" toName="right" smartOnly="true"><Label value="Cell"/></RectangleLabels>
     </View>""")
-    brush = config.brush_for("right")
-    assert brush is not None and brush is config.brush_for("left")
+    (brush,) = config.output_tags("right")
+    assert config.output_tags("left") == (brush,)
     assert brush.to_name == "left" and brush.to_names == ("left", "right")
-    (box,) = config.prompt_tags()
+    assert config.output_images() == ("left", "right") and config.primary_image() == "left"
+    (box,) = [tag for tag in config.controls if tag.type in PROMPT_TYPES]
     assert box.smart and box.smart_only
-    assert config.output_for_prompt("box", "Cell") == (brush, "Cell")
+    assert config.output_tags("right", "Cell") == (brush,)
 
 
 def test_brush_tool_with_a_separate_labels_tag():
@@ -97,22 +100,23 @@ def test_brush_tool_with_a_separate_labels_tag():
       <Brush name="brush" toName="image"/>
       <KeyPoint name="kp" toName="image" smart="true"/>
     </View>""")
-    brush = config.brush_for("image")
+    (brush,) = config.output_tags("image")
     assert brush.type == "Brush" and brush.labels == ("Nucleus", "Cytoplasm")
     assert config.output_labels() == ("Nucleus", "Cytoplasm")
-    assert config.output_for_prompt("kp", "Nucleus") == (brush, "Nucleus")
+    assert config.output_tags("image", "Nucleus") == (brush,)
     require_segmentation_output(config)
 
 
-def test_brushlabels_preferred_over_brush_and_tag_case_ignored():
+def test_an_unlabelled_brush_gets_no_region_and_tag_case_is_ignored():
     config = parse_label_config("""
     <view>
       <image name="image" value="$image"/>
       <Brush name="plain" toName="image"/>
       <brushlabels name="labelled" toName="image"><label value="A"/></brushlabels>
     </view>""")
-    assert config.brush_for("image").name == "labelled"
-    assert config.brush_for("image").type == "BrushLabels"
+    (labelled,) = config.output_tags("image", "A")
+    assert labelled.name == "labelled"
+    assert labelled.type == "BrushLabels"
 
 
 @pytest.mark.parametrize(

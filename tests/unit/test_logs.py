@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from backends.logs import MAX_MESSAGE_CHARS, RedactingFilter, configure_logging, redact
-from tests.unit.fake_http import make_jwt
+from tests.support.label_studio import make_jwt
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 JWT = make_jwt({"token_type": "refresh", "exp": 1893456000, "user_id": 1})

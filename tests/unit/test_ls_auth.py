@@ -8,7 +8,8 @@ import pytest
 
 from backends.errors import ImageUnavailable, LabelStudioUnavailable
 from backends.label_studio.auth import LabelStudioAuth
-from tests.unit.fake_http import FakeLabelStudio, closed_port_url, make_jwt
+from tests.support.http_host import closed_port_url
+from tests.support.label_studio import FakeLabelStudio, make_jwt
 
 
 class FakeClock:

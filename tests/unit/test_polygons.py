@@ -10,6 +10,7 @@ from skimage.draw import polygon as skimage_polygon
 
 from backends.errors import BadRequest
 from backends.masks.polygons import mask_to_polygons, polygon_area, polygons_to_mask
+from tests.support.masks import iou
 
 
 def skimage_mask(xy: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -18,10 +19,6 @@ def skimage_mask(xy: np.ndarray, height: int, width: int) -> np.ndarray:
     rows, cols = skimage_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, (height, width))
     mask[rows, cols] = True
     return mask
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return (a & b).sum() / max((a | b).sum(), 1)
 
 
 def disc(height, width, cy, cx, radius):

@@ -31,7 +31,7 @@ def brush_result(mask, label, **extra) -> dict:
 
 def test_brush_region_shape_and_content():
     mask = box_mask(5, 20, 10, 30)
-    region = brush_region(mask, "Cell", TAG, W, H, score=0.875)
+    region = brush_region(mask, "Cell", TAG, score=0.875)
     assert {k: region[k] for k in ("from_name", "to_name", "type", "original_width", "original_height",
                                    "image_rotation", "score")} == {
         "from_name": "tag", "to_name": "image", "type": "brushlabels",
@@ -41,24 +41,24 @@ def test_brush_region_shape_and_content():
     assert region["value"]["rle"] == brush.mask2rle(mask.astype(np.uint8) * 255)
     assert np.array_equal(decode_rle(region["value"]["rle"], H, W), mask)
     assert isinstance(region["id"], str) and len(region["id"]) >= 8
-    assert "score" not in brush_region(mask, "Cell", TAG, W, H)
+    assert "score" not in brush_region(mask, "Cell", TAG)
 
 
 def test_region_ids_are_fresh():
     mask = box_mask(1, 2, 1, 2)
-    assert len({brush_region(mask, "Cell", TAG, W, H)["id"] for _ in range(50)}) == 50
+    assert len({brush_region(mask, "Cell", TAG)["id"] for _ in range(50)}) == 50
 
 
-def test_brush_region_refuses_mismatched_sizes_and_rotation():
+def test_brush_region_refuses_a_mask_that_is_not_hxw():
     with pytest.raises(BadRequest):
-        brush_region(np.zeros((W, H), bool), "Cell", TAG, W, H)
-    with pytest.raises(BadRequest, match="image_rotation"):
-        brush_region(box_mask(1, 2, 1, 2), "Cell", TAG, W, H, image_rotation=90)
+        brush_region(np.zeros((H, W, 3), bool), "Cell", TAG)
+    with pytest.raises(BadRequest):
+        brush_region(np.zeros((0, W), bool), "Cell", TAG)
 
 
 def test_polygon_regions_use_percent_points_and_rasterise_back():
     mask = box_mask(5, 20, 10, 30) | box_mask(25, 35, 40, 55)
-    regions = polygon_regions(mask, "Cell", POLY_TAG, W, H, score=0.5, to_name="image")
+    regions = polygon_regions(mask, "Cell", POLY_TAG, score=0.5, to_name="image")
     assert len(regions) == 2
     for region in regions:
         assert region["type"] == "polygonlabels" and region["from_name"] == "poly"

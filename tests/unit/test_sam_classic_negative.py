@@ -5,11 +5,7 @@ import numpy as np
 from PIL import Image
 
 from sam.engines.classic import ClassicEngine
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+from tests.support.masks import iou
 
 
 def disks_image(centres, radius, height=120, width=200):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from backends.metrics import Metrics
-from backends.server.model_base import BackendContext
 from backends.settings import Settings
 from sam.embeddings import EmbeddingStore
+from sam.prompts import Prompt
 
 
 @dataclass
@@ -55,13 +55,7 @@ class _SlowEmbedEngine:
 
 
 def _store(engine):
-    context = BackendContext(
-        settings=Settings(embedding_cache_mb=1),
-        images=_Images(),
-        metrics=Metrics(),
-        background=concurrent.futures.ThreadPoolExecutor(2),
-    )
-    return EmbeddingStore(engine, context)
+    return EmbeddingStore(engine, Settings(embedding_cache_mb=1), _Images(), Metrics())
 
 
 @pytest.mark.parametrize("independent", [True, False])
@@ -72,7 +66,7 @@ def test_click_and_embedding_locking(independent):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(store.get, "1", 1)  # image 1: a long embedding in progress
         assert engine.embedding_started.wait(5)
-        click = threading.Thread(target=store.predict, args=(ready, [0, 0, 4, 4], None, None))
+        click = threading.Thread(target=store.predict, args=(ready, Prompt("Cell", "image", (0, 0, 4, 4))))
         started = time.monotonic()
         click.start()
         click.join(1.0)
@@ -108,11 +102,8 @@ class _BatchingEngine:
 
 def test_a_prewarm_burst_is_embedded_in_batches_of_embed_batch():
     engine = _BatchingEngine()
-    context = BackendContext(
-        settings=Settings(embedding_cache_mb=1, embed_batch=4, embed_batch_wait_ms=200),
-        images=_Images(), metrics=Metrics(), background=concurrent.futures.ThreadPoolExecutor(8),
-    )
-    store = EmbeddingStore(engine, context)
+    settings = Settings(embedding_cache_mb=1, embed_batch=4, embed_batch_wait_ms=200)
+    store = EmbeddingStore(engine, settings, _Images(), Metrics())
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         records = list(pool.map(lambda n: store.get(str(n), n, interactive=False), range(1, 9)))
     assert [int(record.embedding[0, 0]) for record in records] == list(range(1, 9))

@@ -13,11 +13,7 @@ from backends.settings import Settings
 from sam.engines import embedding_nbytes, load_engine
 from sam.engines.classic import ClassicEngine
 from sam.engines.segment_anything_loader import ResizeLongestSide
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+from tests.support.masks import iou
 
 
 def disk_image(height=120, width=160, centre=(70, 60), radius=25, bright=200, dark=30):
@@ -197,21 +193,14 @@ def test_sam_loads_without_torchvision_in_a_clean_process(tiny_checkpoint):
 
 
 class CountingEngine:
-    """A deterministic custom engine: the mask is the box (or a 3x3 square per positive point)."""
+    """A custom engine with no `name` (the loader names it after its class) whose embedding is a
+    dict holding the image (its size is counted through it); only loaded here, never asked."""
 
     def embed(self, image):
         return {"pixels": np.asarray(image)}
 
     def predict(self, embedding, box=None, points=None, point_labels=None):
-        height, width = embedding["pixels"].shape[:2]
-        mask = np.zeros((height, width), bool)
-        if box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            mask[y0:y1, x0:x1] = True
-        for (x, y), label in zip(points or [], point_labels or []):
-            if label == 1:
-                mask[max(0, int(y) - 1) : int(y) + 2, max(0, int(x) - 1) : int(x) + 2] = True
-        return mask, 1.0
+        return np.zeros(embedding["pixels"].shape[:2], bool), 1.0
 
 
 def test_load_engine_choices(tmp_path, tiny_checkpoint, caplog):

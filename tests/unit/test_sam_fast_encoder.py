@@ -12,6 +12,7 @@ import torch
 
 from sam.engines.segment_anything_engine import SamEngine, save_random_checkpoint
 from sam.engines.segment_anything_loader import load_segment_anything
+from tests.support.masks import iou
 
 PROMPTS = [
     dict(box=[20, 15, 90, 70]),
@@ -20,11 +21,6 @@ PROMPTS = [
     dict(points=[[60, 40], [100, 20]], point_labels=[1, 0]),
     dict(box=[30, 20, 80, 60], points=[[55, 40]], point_labels=[1]),
 ]
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,42 +6,30 @@ import math
 import pytest
 
 from backends.errors import BadRequest
-from sam.prompts import Prompt, context_regions, prompts_from_context
+from backends.label_studio.label_config import parse_label_config
+from sam.prompts import Prompt, parse_context
+from tests.support import payloads
 
 W, H = 200, 100
+CONFIG = parse_label_config("""
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Nucleus"/><Label value="Cell"/></BrushLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Nucleus"/><Label value="Cell"/></RectangleLabels>
+  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Nucleus"/><Label value="Cell"/></KeyPointLabels>
+</View>""")
 
 
 def rectangle(x, y, width, height, label="Nucleus", rotation=0, image_rotation=0):
-    return {
-        "original_width": W,
-        "original_height": H,
-        "image_rotation": image_rotation,
-        "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation, "rectanglelabels": [label]},
-        "id": "r1",
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "origin": "manual",
-    }
+    return payloads.rectangle(x, y, width, height, label, (W, H), rotation, image_rotation=image_rotation, id="r1")
 
 
 def keypoint(x, y, positive=True, label="Nucleus"):
-    return {
-        "original_width": W,
-        "original_height": H,
-        "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
-        "is_positive": positive,
-        "id": "k1",
-        "from_name": "point",
-        "to_name": "image",
-        "type": "keypointlabels",
-        "origin": "manual",
-    }
+    return payloads.keypoint(x, y, positive, label, (W, H), width=0.5, id="k1")
 
 
-def parse(*regions, labels=("Nucleus", "Cell")):
-    return prompts_from_context({"result": list(regions)}, W, H, labels)
+def parse(*regions):
+    return parse_context({"result": list(regions)}, CONFIG).prompts(W, H)
 
 
 def test_rectangle_percent_to_pixels():
@@ -104,9 +92,9 @@ def test_bad_regions_are_refused_with_a_message(region, message):
 
 def test_context_without_result_list_is_refused():
     with pytest.raises(BadRequest, match="result"):
-        prompts_from_context({"foo": 1}, W, H)
+        parse_context({"foo": 1}, CONFIG)
     with pytest.raises(BadRequest):
-        prompts_from_context([], W, H)
+        parse_context([], CONFIG)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +109,35 @@ def test_context_without_result_list_is_refused():
 )
 def test_context_of_the_wrong_shape_is_refused_before_anything_reads_it(context, message):
     with pytest.raises(BadRequest, match=message):
-        context_regions(context)
-    with pytest.raises(BadRequest, match=message):
-        prompts_from_context(context, W, H)
+        parse_context(context, CONFIG)
+
+
+TWO_IMAGES = parse_label_config("""
+<View>
+  <Image name="left" value="$a"/><Image name="right" value="$b"/>
+  <BrushLabels name="left_brush" toName="left"><Label value="Nucleus"/></BrushLabels>
+  <BrushLabels name="right_brush" toName="right"><Label value="Cell"/></BrushLabels>
+  <RectangleLabels name="box" toName="left,right" smart="true"><Label value="Nucleus"/><Label value="Cell"/></RectangleLabels>
+</View>""")
+
+
+def test_the_prompted_image_is_the_regions_to_name_else_the_primary_image():
+    without_to_name = {k: v for k, v in rectangle(10, 20, 50, 40).items() if k != "to_name"}
+    context = parse_context({"result": [without_to_name]}, TWO_IMAGES)
+    assert context.image == "left" and context.prompts(W, H)[0].to_name == "left"
+    right = {**rectangle(10, 20, 50, 40, label="Cell"), "to_name": "right"}
+    assert parse_context({"result": [right]}, TWO_IMAGES).image == "right"
+
+
+def test_a_label_that_no_output_tag_of_the_prompted_image_has_is_refused():
+    on_right = {**rectangle(10, 20, 50, 40), "to_name": "right"}  # Nucleus: a label of the left image only
+    with pytest.raises(BadRequest, match="'Nucleus'.*'right'"):
+        parse_context({"result": [on_right]}, TWO_IMAGES)
+
+
+def test_more_prompts_than_the_limit_are_refused_before_any_region_is_read():
+    regions = ["not even a region"] * 4
+    with pytest.raises(BadRequest, match="8 prompts.*MAX_PROMPTS_PER_REQUEST"):
+        parse_context({"result": regions}, CONFIG, task_count=2, max_prompts=6)
+    with pytest.raises(BadRequest, match="'value' object"):
+        parse_context({"result": regions}, CONFIG, task_count=2, max_prompts=8)

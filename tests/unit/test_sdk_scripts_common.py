@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
+from devstack.processes import free_port
 from sdk_scripts import common
 from sdk_scripts.common import (
     CliSettings,
@@ -24,12 +24,6 @@ from sdk_scripts.common import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_settings_from_env_reads_every_variable_and_hides_secrets():

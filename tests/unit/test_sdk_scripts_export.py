@@ -9,42 +9,22 @@ import pytest
 import torch
 from PIL import Image
 
-from backends.errors import ImageUnavailable
-from backends.images.fetcher import LoadedImage
-from backends.masks.rle import encode_rle
+from backends.label_studio.annotations import newest_annotation
 from sdk_scripts.common import DEFAULT_LABEL_CONFIG, UserError
 from sdk_scripts.export_masks import (
     export_project,
     image_data_key,
     label_map_from_config,
-    newest_annotation,
     overlay,
     select_exports,
     tasks_from_storage_objects,
 )
 from sdk_scripts.mask_dataset import MaskDataset
+from tests.support.fetcher import FakeImageFetcher
+from tests.support.payloads import brush
 
 CONFIG = DEFAULT_LABEL_CONFIG.read_text()
 H, W = 24, 32
-
-
-class FakeFetcher:
-    """Stands in for backends.images.fetcher.ImageFetcher: images by URI, failures for unknown ones."""
-
-    def __init__(self, images: dict[str, np.ndarray]):
-        self.images = images
-        self.calls: list[tuple[str, int]] = []
-
-    def load(self, uri: str, task_id: int | None = None) -> LoadedImage:
-        self.calls.append((uri, task_id))
-        if uri not in self.images:
-            raise ImageUnavailable(f"image {uri} was not found")
-        return LoadedImage(pixels=self.images[uri], identity=f"{task_id}:{uri}")
-
-
-def brush(mask: np.ndarray, label: str) -> dict:
-    return {"type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": W,
-            "original_height": H, "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
 
 
 def polygon(points_px: list[tuple[float, float]], label: str) -> dict:
@@ -143,7 +123,7 @@ def test_export_project_writes_images_masks_overlays_and_label_map(tmp_path):
         {"id": 8, "data": {"image": "gs://b/p/img2.png"}, "annotations": [{"id": 3, "result": [], "updated_at": "x"}]},
         {"id": 9, "data": {"image": "gs://b/p/missing.png"}, "annotations": [{"id": 4, "result": []}]},
     ]
-    fetcher = FakeFetcher(images)
+    fetcher = FakeImageFetcher(images)
     summary = export_project(tasks, CONFIG, tmp_path, "later", fetcher, progress=False)
     assert summary.exported == ["img_one", "img2"] and len(summary.failed) == 1 and "task 9" in summary.failed[0]
     assert ("gs://b/p/img one.png", 7) in fetcher.calls
@@ -172,7 +152,7 @@ def test_overlap_rules_decide_who_wins(tmp_path):
     small[5:10, 5:10] = True
     tasks = [{"id": 1, "data": {"image": "gs://b/a.png"},
               "annotations": [{"id": 1, "result": [brush(small, "Nucleus"), brush(big, "Cell")]}]}]
-    fetcher = FakeFetcher({"gs://b/a.png": rng_image(0)})
+    fetcher = FakeImageFetcher({"gs://b/a.png": rng_image(0)})
     seen = {}
     for rule in ("later", "earlier", "smaller"):
         export_project(tasks, CONFIG, tmp_path / rule, rule, fetcher, progress=False)

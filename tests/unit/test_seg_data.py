@@ -122,7 +122,8 @@ def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
     from backends.errors import ImageUnavailable
     from backends.masks.rle import encode_rle
 
-    from segmentation.data import newest_annotation, samples_from_tasks
+    from backends.label_studio.annotations import newest_annotation
+    from segmentation.data import samples_from_tasks
 
     truth = np.zeros((6, 8), bool)
     truth[1:4, 2:6] = True
@@ -148,7 +149,7 @@ def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
         {"id": 5, "data": {"image": "a.png"}, "annotations": [annotation(6, [brush(truth, from_name="other")], "2026-01-01")]},
         {"id": 6, "data": {"image": "a.png"}, "annotations": [annotation(7, [], "2026-01-01")]},  # all background
     ]
-    assert newest_annotation(tasks[0])["id"] == 2
+    assert newest_annotation(tasks[0]["annotations"])["id"] == 2
 
     def load(uri, task_id):
         if uri == "gone.png":
@@ -166,3 +167,19 @@ def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
     assert "task 4" in text and "'Dog'" in text
     assert "task 5: annotation 6 has no usable region" in text  # regions of other tags are ignored
     assert "task 2" not in text
+
+
+def test_read_image_turns_the_image_as_its_exif_orientation_says(tmp_path):
+    from segmentation.data import read_image
+
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:10, :15] = (255, 0, 0)  # top-left red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise, as Label Studio (the browser) shows it
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    shown = read_image(tmp_path / "turned.jpg")
+    assert shown.shape == (30, 20, 3)
+    assert shown[2, -3, 0] > 200 and shown[-3, 2, 0] < 50  # red is now top-right
+    (tmp_path / "junk.png").write_bytes(b"<html>not an image</html>")
+    with pytest.raises(ValueError, match="HTML"):
+        read_image(tmp_path / "junk.png")

@@ -35,15 +35,6 @@ def test_class_scores_exact():
     assert scores["dice"][2] is None and scores["iou"][2] is None  # class 3 absent everywhere
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a 2-core machine shared with other tests, two threads can be 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_short_training_beats_untrained_and_saves_a_version(tmp_path, one_thread):
     rng = np.random.default_rng(0)
     samples = [disks_sample(f"s{i}", rng) for i in range(6)]
