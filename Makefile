@@ -4,7 +4,7 @@ VENV := .venv
 LS_VENV := .venv-ls
 LABEL_STUDIO_VERSION := 1.23.2
 
-.PHONY: install install-label-studio test test-fast demo stop bench clean
+.PHONY: install install-label-studio lint test test-fast demo stop bench clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,14 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install --quiet label-studio==$(LABEL_STUDIO_VERSION)
 	touch $@
 
-test: install install-label-studio
+# Style and types first: ruff's lint and format check over the tree, mypy over the packages
+# (what they check: [tool.ruff] and [tool.mypy] in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy backends sam segmentation sdk_scripts bench devstack
+
+test: install install-label-studio lint
 	$(VENV)/bin/python -m pytest
 
 test-fast: install
@@ -41,6 +48,7 @@ bench: install
 	$(VENV)/bin/python -m bench.rle
 	$(VENV)/bin/python -m bench.sam_quality
 	$(VENV)/bin/python -m bench.sam_latency
+	$(VENV)/bin/python -m bench.answer_path
 	$(VENV)/bin/python -m bench.seg_quality
 	$(VENV)/bin/python -m bench.seg_throughput
 	$(VENV)/bin/python -m bench.load

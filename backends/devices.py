@@ -1,4 +1,5 @@
 """DEVICE -> the torch device a backend's model runs on (one rule for SAM and segmentation)."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ is scrubbed, whichever module logged it: Authorization headers, JWTs, token/key/
 JSON, Python reprs and query strings, credentials in URLs and long base64-like runs. Messages over
 `MAX_MESSAGE_CHARS` are cut (no RLE or mask dumps in logs).
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,9 +96,9 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.setLevel(numeric)
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(handler)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(stream)
     loggers = [root] + [
         logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)
     ]
@@ -126,6 +127,6 @@ def _replace_long_run(match: re.Match) -> str:
     # Paths, UUIDs and dashed names break into short pieces; secrets are long unbroken runs.
     if not (has_digit and has_letter) or max(len(piece) for piece in pieces) < 16:
         return run
-    if _CHECKSUM_CONTEXT.search(match.string[max(0, match.start() - 12):match.start()]):
+    if _CHECKSUM_CONTEXT.search(match.string[max(0, match.start() - 12) : match.start()]):
         return run  # a published checksum is not a secret and is useful in logs
     return REDACTED

@@ -8,7 +8,7 @@ which return the existing metric when the same name is asked for again with the 
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,

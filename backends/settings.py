@@ -3,12 +3,13 @@
 Everything else receives a `Settings`; no other module reads `os.environ`.
 Every variable is listed in README.md (Configuration).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 
 def _bool(value: str | None, default: bool) -> bool:
@@ -99,7 +100,7 @@ class Settings:
     polygon_max_vertices: int = 10_000  # per annotated polygon rasterised for training / export
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         get = env.get
         return cls(
@@ -168,7 +169,7 @@ class Settings:
         """The total deadline of one image fetch: IMAGE_FETCH_DEADLINE, or 4 x IMAGE_FETCH_TIMEOUT when unset."""
         return self.image_fetch_deadline_s if self.image_fetch_deadline_s > 0 else 4 * self.image_fetch_timeout_s
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         """Refuse configurations that would run unsafely; returns self. Raises SettingsError.
 
         Basic auth is all or nothing: a password without a user used to leave auth off, and a user

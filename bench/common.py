@@ -1,4 +1,5 @@
 """Shared helpers for the benchmarks: one JSON line per figure, and where it was measured."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def emit(figure: str, value: float, unit: str, reference: float | None, **extra) -> dict:

@@ -7,6 +7,7 @@ hiera-tiny) and `sam3` engines against bare transformers calls. Prints JSON line
 nothing beyond what the project installs. Refuses to run without CUDA (the CPU figures come from
 `python -m bench.sam_latency`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.gpu needs a CUDA device; on a CPU run `python -m bench.sam_latency`", file=sys.stderr)
         return 2
-    common = ["--engine", "sam", "--model-type", args.model_type, "--device", "cuda", "--repeats", "10",
-              "--batch", "8", "--burst", "32", "--clicks", "50", "--annotators", "8"]
+    common = [
+        "--engine",
+        "sam",
+        "--model-type",
+        args.model_type,
+        "--device",
+        "cuda",
+        "--repeats",
+        "10",
+        "--batch",
+        "8",
+        "--burst",
+        "32",
+        "--clicks",
+        "50",
+        "--annotators",
+        "8",
+    ]
     sam_latency.main(common)
     if not args.skip_compile:
         sam_latency.main(common + ["--compile"])

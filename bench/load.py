@@ -15,6 +15,7 @@ module imports nothing from tests/ (the `deterministic` engine is named for the 
 which finds it in the checkout's tests/support). Everything is bounded: `--seconds` per phase,
 `--max-clicks` per annotator, loopback only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import requests
@@ -95,8 +96,15 @@ def dsb2018_images(data_dir: Path, count: int, first_task_id: int = 1) -> list[T
             rows, cols = np.nonzero(labels == instance)
             if rows.max() > rows.min() and cols.max() > cols.min():
                 boxes.append((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
-        images.append(TaskImage(first_task_id + offset, f"/{path.name}", path.read_bytes(), pixels,
-                                tuple(boxes) or ((0, 0, pixels.shape[1], pixels.shape[0]),)))
+        images.append(
+            TaskImage(
+                first_task_id + offset,
+                f"/{path.name}",
+                path.read_bytes(),
+                pixels,
+                tuple(boxes) or ((0, 0, pixels.shape[1], pixels.shape[0]),),
+            )
+        )
     return images
 
 
@@ -112,32 +120,56 @@ def rectangle_region(box: Sequence[int], width: int, height: int, label: str = "
     """A smart rectangle region as Label Studio sends it (percent of the original size)."""
     x0, y0, x1, y1 = box
     return {
-        "original_width": width, "original_height": height, "image_rotation": 0,
-        "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height, "width": 100.0 * (x1 - x0) / width,
-                  "height": 100.0 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": [label]},
-        "id": "rect", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "x": 100.0 * x0 / width,
+            "y": 100.0 * y0 / height,
+            "width": 100.0 * (x1 - x0) / width,
+            "height": 100.0 * (y1 - y0) / height,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+        "id": "rect",
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
     }
 
 
 def keypoint_region(xy: Sequence[int], width: int, height: int, positive: bool, label: str = "Nucleus") -> dict:
     x, y = xy
     return {
-        "original_width": width, "original_height": height, "image_rotation": 0,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
         "value": {"x": 100.0 * x / width, "y": 100.0 * y / height, "width": 0.6, "keypointlabels": [label]},
-        "is_positive": positive, "id": "kp", "from_name": "point", "to_name": "image",
-        "type": "keypointlabels", "origin": "manual",
+        "is_positive": positive,
+        "id": "kp",
+        "from_name": "point",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
     }
 
 
 def predict_body(task: dict, context: dict | None) -> dict:
-    return {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
-            "params": {"login": None, "password": None, "context": context}}
+    return {
+        "tasks": [task],
+        "project": PROJECT,
+        "label_config": LABEL_CONFIG,
+        "params": {"login": None, "password": None, "context": context},
+    }
 
 
 def click_context(prompt: Prompt, image: TaskImage) -> dict:
     regions = [rectangle_region(prompt.box, image.width, image.height)]
-    regions += [keypoint_region(xy, image.width, image.height, bool(label))
-                for xy, label in zip(prompt.points, prompt.point_labels)]
+    regions += [
+        keypoint_region(xy, image.width, image.height, bool(label))
+        for xy, label in zip(prompt.points, prompt.point_labels, strict=True)
+    ]
     return {"result": regions}
 
 
@@ -156,8 +188,7 @@ class ImageHost:
         handler = functools.partial(_QuietFiles, directory=str(directory))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def netloc(self) -> str:
@@ -167,7 +198,7 @@ class ImageHost:
     def url(self) -> str:
         return f"http://{self.netloc}"
 
-    def __enter__(self) -> "ImageHost":
+    def __enter__(self) -> ImageHost:
         self._thread.start()
         return self
 
@@ -252,19 +283,21 @@ def run_annotators(
             session.trust_env = False
             start.wait()
             deadline = deadline_box[0]
-            done = 0
             for turn in range(max_clicks):
                 image = own[turn // clicks_per_task % len(own)]
                 task = {"id": image.task_id, "data": {"image": image_url + image.path}}
                 if turn % clicks_per_task == 0:  # opening the task: Label Studio's prewarm call
                     session.post(f"{backend_url}/predict", json=predict_body(task, None), timeout=timeout_s)
-                if time.monotonic() >= deadline or done >= max_clicks:
+                if time.monotonic() >= deadline:
                     return
                 prompt = make_prompt(rng, image)
                 began = time.monotonic()
                 try:
-                    response = session.post(f"{backend_url}/predict",
-                                            json=predict_body(task, click_context(prompt, image)), timeout=timeout_s)
+                    response = session.post(
+                        f"{backend_url}/predict",
+                        json=predict_body(task, click_context(prompt, image)),
+                        timeout=timeout_s,
+                    )
                     status, answer, error = response.status_code, response.json(), ""
                 except (requests.RequestException, ValueError) as exc:
                     status, answer, error = 0, None, f"{type(exc).__name__}: {exc}"
@@ -278,10 +311,10 @@ def run_annotators(
                     run.clicks.append(click)
                     if problem:
                         run.problems.append(f"annotator {index}, task {image.task_id}, {prompt}: {problem}")
-                done += 1
 
-    threads = [threading.Thread(target=annotator, args=(i,), name=f"annotator-{i}", daemon=True)
-               for i in range(annotators)]
+    threads = [
+        threading.Thread(target=annotator, args=(i,), name=f"annotator-{i}", daemon=True) for i in range(annotators)
+    ]
     for thread in threads:
         thread.start()
     began = time.monotonic()
@@ -348,7 +381,7 @@ class CacheSampler:
     def capacity_bytes(self) -> int:
         return max((s[2] for s in self.samples), default=0)
 
-    def __enter__(self) -> "CacheSampler":
+    def __enter__(self) -> CacheSampler:
         self._thread.start()
         return self
 
@@ -390,12 +423,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--annotators", type=int, default=8, help="concurrent annotators (default 8)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the concurrent phase (default 20)")
-    parser.add_argument("--reference-seconds", type=float, default=None,
-                        help="length of the single-annotator phase (default: seconds / 2)")
+    parser.add_argument(
+        "--reference-seconds",
+        type=float,
+        default=None,
+        help="length of the single-annotator phase (default: seconds / 2)",
+    )
     parser.add_argument("--engine", choices=("classic", "deterministic"), default="classic")
     parser.add_argument("--images", type=int, default=None, help="images used (default 2 per annotator)")
-    parser.add_argument("--cache-mb", type=float, default=None,
-                        help="EMBEDDING_CACHE_MB (default: room for about half the images' embeddings)")
+    parser.add_argument(
+        "--cache-mb",
+        type=float,
+        default=None,
+        help="EMBEDDING_CACHE_MB (default: room for about half the images' embeddings)",
+    )
     parser.add_argument("--max-clicks", type=int, default=2000, help="cap on clicks per annotator")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
     args = parser.parse_args(argv)
@@ -411,24 +452,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cache_mb is not None:
         cache_mb = args.cache_mb
     else:  # about half the images fit: the cache must evict during the run
-        per_image = (1.0 if args.engine == "deterministic"
-                     else float(np.mean([image.pixels.nbytes for image in images])) / 2**20)
+        per_image = (
+            1.0 if args.engine == "deterministic" else float(np.mean([image.pixels.nbytes for image in images])) / 2**20
+        )
         cache_mb = round(max(per_image * count / 2, 1.0), 2)
-    extra = {"machine": machine(), "engine": args.engine, "annotators": args.annotators,
-             "data": f"dsb2018 ({count} images, first by id)", "backend": "python -m sam on loopback"}
+    extra = {
+        "machine": machine(),
+        "engine": args.engine,
+        "annotators": args.annotators,
+        "data": f"dsb2018 ({count} images, first by id)",
+        "backend": "python -m sam on loopback",
+    }
     reference_seconds = args.reference_seconds or args.seconds / 2
 
-    with tempfile.TemporaryDirectory(prefix="bench-load-") as home, \
-            ImageHost(args.data / "dsb2018" / "images") as host:
-        home = Path(home)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-load-") as scratch,
+        ImageHost(args.data / "dsb2018" / "images") as host,
+    ):
+        home = Path(scratch)
         backend = start_backend("sam", sam_env(args.engine, host.netloc, cache_mb, home), home / "sam.log")
         try:
             with CacheSampler(backend.url) as sampler:
                 # Single annotator first (its own images, cold cache): the reference.
-                single = run_annotators(backend.url, host.url, images[: max(1, count // args.annotators)], 1,
-                                        reference_seconds, max_clicks=args.max_clicks)
-                many = run_annotators(backend.url, host.url, images, args.annotators, args.seconds,
-                                      max_clicks=args.max_clicks, seed=1)
+                single = run_annotators(
+                    backend.url,
+                    host.url,
+                    images[: max(1, count // args.annotators)],
+                    1,
+                    reference_seconds,
+                    max_clicks=args.max_clicks,
+                )
+                many = run_annotators(
+                    backend.url, host.url, images, args.annotators, args.seconds, max_clicks=args.max_clicks, seed=1
+                )
             peak_rss = peak_rss_mb(backend.process.pid)
         finally:
             backend.stop()
@@ -439,15 +495,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     single_p50 = percentile(single.latencies_ms(), 50)
     latencies = many.latencies_ms()
     failed = len(many.clicks) - len(many.ok_clicks)
-    emit("load_click_ms_p50", percentile(latencies, 50), "ms", single_p50, clicks=len(latencies),
-         failed_clicks=failed, reference_is="single-annotator click p50", **extra)
-    emit("load_click_ms_p99", percentile(latencies, 99), "ms", single_p50, clicks=len(latencies),
-         reference_is="single-annotator click p50", **extra)
-    emit("load_throughput", many.throughput(), "clicks/s", single.throughput(),
-         seconds=round(many.seconds, 1), reference_is="single-annotator clicks/s", **extra)
+    emit(
+        "load_click_ms_p50",
+        percentile(latencies, 50),
+        "ms",
+        single_p50,
+        clicks=len(latencies),
+        failed_clicks=failed,
+        reference_is="single-annotator click p50",
+        **extra,
+    )
+    emit(
+        "load_click_ms_p99",
+        percentile(latencies, 99),
+        "ms",
+        single_p50,
+        clicks=len(latencies),
+        reference_is="single-annotator click p50",
+        **extra,
+    )
+    emit(
+        "load_throughput",
+        many.throughput(),
+        "clicks/s",
+        single.throughput(),
+        seconds=round(many.seconds, 1),
+        reference_is="single-annotator clicks/s",
+        **extra,
+    )
     emit("load_peak_rss", peak_rss, "MB", None, reference_is=None, source="/proc/PID/status VmHWM", **extra)
-    emit("load_peak_embedding_cache", sampler.peak_bytes / 2**20, "MB", sampler.capacity_bytes / 2**20,
-         reference_is="EMBEDDING_CACHE_MB cap", samples=len(sampler.samples), **extra)
+    emit(
+        "load_peak_embedding_cache",
+        sampler.peak_bytes / 2**20,
+        "MB",
+        sampler.capacity_bytes / 2**20,
+        reference_is="EMBEDDING_CACHE_MB cap",
+        samples=len(sampler.samples),
+        **extra,
+    )
     if many.problems:
         print(f"warning: {len(many.problems)} problems, e.g. {many.problems[0]}", file=sys.stderr)
     return 0

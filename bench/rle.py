@@ -4,9 +4,11 @@
 mask's median time, ours as value, label_studio_sdk.converter.brush as reference, same masks,
 same run. Outputs are checked byte-identical / equal before timing.
 """
+
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ def realistic_masks() -> tuple[list[np.ndarray], str]:
 
 def _resize(mask: np.ndarray) -> np.ndarray:
     image = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.array(image.resize((SIZE, SIZE), Image.NEAREST)) > 0
+    return np.array(image.resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 0
 
 
 def main() -> None:
@@ -59,15 +61,27 @@ def main() -> None:
             raise SystemExit("encode_rle differs from label_studio_sdk mask2rle")
         if not np.array_equal(rle.decode_rle(reference, SIZE, SIZE), mask):
             raise SystemExit("decode_rle differs from the mask")
-        encode_ours.append(median_ms(lambda: rle.encode_rle(mask), repeats=15))
-        encode_sdk.append(median_ms(lambda: brush.mask2rle(as_255), repeats=5))
-        decode_ours.append(median_ms(lambda: rle.decode_rle(reference, SIZE, SIZE), repeats=15))
-        decode_sdk.append(median_ms(lambda: brush.decode_rle(reference), repeats=5))
+        encode_ours.append(median_ms(partial(rle.encode_rle, mask), repeats=15))
+        encode_sdk.append(median_ms(partial(brush.mask2rle, as_255), repeats=5))
+        decode_ours.append(median_ms(partial(rle.decode_rle, reference, SIZE, SIZE), repeats=15))
+        decode_sdk.append(median_ms(partial(brush.decode_rle, reference), repeats=5))
     common = {"machine": machine(), "data": f"{len(masks)} masks {SIZE}x{SIZE}: {data}"}
-    emit("rle_encode_ms", statistics.median(encode_ours), "ms", statistics.median(encode_sdk),
-         worst_ratio=round(max(o / s for o, s in zip(encode_ours, encode_sdk)), 4), **common)
-    emit("rle_decode_ms", statistics.median(decode_ours), "ms", statistics.median(decode_sdk),
-         worst_ratio=round(max(o / s for o, s in zip(decode_ours, decode_sdk)), 4), **common)
+    emit(
+        "rle_encode_ms",
+        statistics.median(encode_ours),
+        "ms",
+        statistics.median(encode_sdk),
+        worst_ratio=round(max(o / s for o, s in zip(encode_ours, encode_sdk, strict=True)), 4),
+        **common,
+    )
+    emit(
+        "rle_decode_ms",
+        statistics.median(decode_ours),
+        "ms",
+        statistics.median(decode_sdk),
+        worst_ratio=round(max(o / s for o, s in zip(decode_ours, decode_sdk, strict=True)), 4),
+        **common,
+    )
 
 
 if __name__ == "__main__":

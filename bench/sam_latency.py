@@ -18,31 +18,34 @@ Figures (one JSON line each, via bench.common.emit):
   against bare `SamPredictor.predict` p50.
 - concurrent_click_ms p50 and p99: --annotators annotators clicking at once on embedded images.
 """
+
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import http.server
 import io
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import requests
 import torch
 from PIL import Image
 
+from backends.devices import resolve_device
 from backends.server.app import create_app
 from backends.settings import Settings
 from bench.common import emit, machine
-from backends.devices import resolve_device
+from sam.engines.sam_fast_encoder import preprocess_batch
 from sam.engines.segment_anything_engine import SamEngine, build_model, save_random_checkpoint
 from sam.engines.segment_anything_loader import load_segment_anything
-from sam.engines.sam_fast_encoder import preprocess_batch
 from sam.model import SamBackend
 
 WIDTH, HEIGHT = 1024, 768
@@ -200,11 +203,24 @@ class BackendServer:
 def smart_rectangle(box=BOX) -> dict:
     x0, y0, x1, y1 = box
     value = {
-        "x": 100 * x0 / WIDTH, "y": 100 * y0 / HEIGHT, "width": 100 * (x1 - x0) / WIDTH,
-        "height": 100 * (y1 - y0) / HEIGHT, "rotation": 0, "rectanglelabels": ["Object"],
+        "x": 100 * x0 / WIDTH,
+        "y": 100 * y0 / HEIGHT,
+        "width": 100 * (x1 - x0) / WIDTH,
+        "height": 100 * (y1 - y0) / HEIGHT,
+        "rotation": 0,
+        "rectanglelabels": ["Object"],
     }
-    region = {"original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0, "value": value,
-              "id": "r1", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual"}
+    region = {
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "image_rotation": 0,
+        "value": value,
+        "id": "r1",
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+    }
     return {"result": [region]}
 
 
@@ -229,7 +245,7 @@ def bare_figures(model_type: str, checkpoint: Path, device: str, repeats: int, b
         with torch.inference_mode(), torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             model.image_encoder(inputs)
 
-    figures = {
+    figures: dict[str, float | list[float]] = {
         "fp32": statistics.median(timed_ms(lambda: predictor.set_image(image), repeats, device)),
         "bf16": statistics.median(timed_ms(set_image_bf16, repeats, device)),
         "batched_bf16": statistics.median(timed_ms(encoder_batched_bf16, max(1, repeats // 2), device)) / batch,
@@ -267,8 +283,7 @@ def backend_figures(settings: Settings, burst: int, clicks: int, annotators: int
     finally:
         backend.close()
         images.close()
-    return {"burst_images_per_s": burst / burst_s, "click": click, "concurrent": concurrent_clicks,
-            "batches": batches}
+    return {"burst_images_per_s": burst / burst_s, "click": click, "concurrent": concurrent_clicks, "batches": batches}
 
 
 def hf_bare_figures(engine_name: str, checkpoint: Path, device: str, repeats: int, batch: int) -> dict:
@@ -279,7 +294,8 @@ def hf_bare_figures(engine_name: str, checkpoint: Path, device: str, repeats: in
     from sam.engines import hf_common
 
     model_class = Sam2Model if engine_name == "sam2" else Sam3TrackerModel
-    model = model_class.from_pretrained(checkpoint).to(device).eval()
+    # ignored: transformers wraps PreTrainedModel.to with functools.wraps, which types it as unbound
+    model = model_class.from_pretrained(checkpoint).to(device).eval()  # type: ignore[arg-type]
     size = int(model.config.prompt_encoder_config.image_size)
     default = hf_common.IMAGENET_DEFAULT if engine_name == "sam2" else hf_common.IMAGENET_STANDARD
     norm = hf_common.Normalisation.from_checkpoint(Path(checkpoint), size, default)
@@ -313,13 +329,13 @@ def engine_under_test(args: argparse.Namespace, workdir: Path, device: str) -> t
     if args.engine == "sam":
         checkpoint = save_random_checkpoint(workdir / f"random_{args.model_type}.pth", args.model_type)
         bare = bare_figures(args.model_type, checkpoint, device, args.repeats, args.batch)
-        engine = SamEngine(checkpoint=checkpoint, model_type=args.model_type, device=device,
-                           compile_encoder=args.compile)
-        return engine, checkpoint, bare, {"sam_model_type": args.model_type, "sam_compile": args.compile}
+        sam = SamEngine(checkpoint=checkpoint, model_type=args.model_type, device=device, compile_encoder=args.compile)
+        return sam, checkpoint, bare, {"sam_model_type": args.model_type, "sam_compile": args.compile}
     from sam.engines.hf_sam2 import Sam2Engine
     from sam.engines.hf_sam3 import Sam3Engine
     from sam.engines.hf_testing import save_random_sam2, save_random_sam3
 
+    engine: Sam2Engine | Sam3Engine
     if args.engine == "sam2":
         checkpoint = save_random_sam2(workdir / "sam2", tiny=args.tiny)
         engine = Sam2Engine(checkpoint, device=device)
@@ -334,43 +350,100 @@ def run(args: argparse.Namespace) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="sam-latency-"))
     engine, checkpoint, bare, overrides = engine_under_test(args, workdir, device)
     image = np.array(Image.open(io.BytesIO(synthetic_png(98))).convert("RGB"))
-    engine_embed = statistics.median(timed_ms(lambda: engine.embed(image), args.repeats, device))
-    engine_batched = statistics.median(
-        timed_ms(lambda: engine.embed_batch([image] * args.batch), max(1, args.repeats // 2), device)
-    ) / args.batch
+    # partial, not a lambda: it holds the engine only while timed, so `del engine` below frees it
+    engine_embed = statistics.median(timed_ms(functools.partial(engine.embed, image), args.repeats, device))
+    batch = [image] * args.batch
+    engine_batched = (
+        statistics.median(timed_ms(functools.partial(engine.embed_batch, batch), max(1, args.repeats // 2), device))
+        / args.batch
+    )
     model_name = f"{engine.name}, random weights"
     del engine
 
     settings = Settings(
-        sam_engine=args.engine, sam_checkpoint=str(checkpoint), device=device,
-        image_cache_dir=workdir / "image-cache", embedding_cache_mb=4096,
-        embed_batch=args.batch if device.startswith("cuda") else 0, image_allowed_hosts=("127.0.0.1",),
+        sam_engine=args.engine,
+        sam_checkpoint=str(checkpoint),
+        device=device,
+        image_cache_dir=workdir / "image-cache",
+        embedding_cache_mb=4096,
+        embed_batch=args.batch if device.startswith("cuda") else 0,
+        image_allowed_hosts=("127.0.0.1",),
         **overrides,
     )
     served = backend_figures(settings, args.burst, args.clicks, args.annotators, device)
 
     common = {
-        "machine": machine(), "device": device, "engine": args.engine, "model": model_name,
-        "sam_options": "SDPA attention, bf16 encoder, compiled: %s" % args.compile if args.engine == "sam" else None,
-        "data": f"synthetic {WIDTH}x{HEIGHT} RGB, box prompt", "answer_mask": ANSWER_MASK,
+        "machine": machine(),
+        "device": device,
+        "engine": args.engine,
+        "model": model_name,
+        "sam_options": f"SDPA attention, bf16 encoder, compiled: {args.compile}" if args.engine == "sam" else None,
+        "data": f"synthetic {WIDTH}x{HEIGHT} RGB, box prompt",
+        "answer_mask": ANSWER_MASK,
     }
     bare_predict = statistics.median(bare["predict"])
     return [
-        emit("embed_ms", engine_embed, "ms", bare["fp32"], baseline=f"bare {BARE_NAMES[args.engine][0]} fp32",
-             bare_bf16_ms=round(bare["bf16"], 1), bare_batched_bf16_ms_per_image=round(bare["batched_bf16"], 1),
-             engine_batched_ms_per_image=round(engine_batched, 1), batch=args.batch, repeats=args.repeats, **common),
-        emit("embed_images_per_s", served["burst_images_per_s"], "images/s", 1000 / bare["fp32"],
-             baseline=f"bare {BARE_NAMES[args.engine][0]} fp32, images/s", burst=args.burst, encoder_calls=served["batches"], **common),
-        emit("click_ms_cached_p50", statistics.median(served["click"]), "ms", bare_predict,
-             baseline=f"bare {BARE_NAMES[args.engine][1]} p50 (no HTTP)", clicks=len(served["click"]), **common),
-        emit("click_ms_cached_p90", percentile(served["click"], 90), "ms", percentile(bare["predict"], 90),
-             baseline=f"bare {BARE_NAMES[args.engine][1]} p90", clicks=len(served["click"]), **common),
-        emit("concurrent_click_ms_p50", statistics.median(served["concurrent"]), "ms",
-             statistics.median(served["click"]), baseline="click_ms_cached_p50 (one annotator)",
-             annotators=args.annotators, clicks=len(served["concurrent"]), **common),
-        emit("concurrent_click_ms_p99", percentile(served["concurrent"], 99), "ms",
-             statistics.median(served["click"]), baseline="click_ms_cached_p50 (one annotator)",
-             annotators=args.annotators, clicks=len(served["concurrent"]), **common),
+        emit(
+            "embed_ms",
+            engine_embed,
+            "ms",
+            bare["fp32"],
+            baseline=f"bare {BARE_NAMES[args.engine][0]} fp32",
+            bare_bf16_ms=round(bare["bf16"], 1),
+            bare_batched_bf16_ms_per_image=round(bare["batched_bf16"], 1),
+            engine_batched_ms_per_image=round(engine_batched, 1),
+            batch=args.batch,
+            repeats=args.repeats,
+            **common,
+        ),
+        emit(
+            "embed_images_per_s",
+            served["burst_images_per_s"],
+            "images/s",
+            1000 / bare["fp32"],
+            baseline=f"bare {BARE_NAMES[args.engine][0]} fp32, images/s",
+            burst=args.burst,
+            encoder_calls=served["batches"],
+            **common,
+        ),
+        emit(
+            "click_ms_cached_p50",
+            statistics.median(served["click"]),
+            "ms",
+            bare_predict,
+            baseline=f"bare {BARE_NAMES[args.engine][1]} p50 (no HTTP)",
+            clicks=len(served["click"]),
+            **common,
+        ),
+        emit(
+            "click_ms_cached_p90",
+            percentile(served["click"], 90),
+            "ms",
+            percentile(bare["predict"], 90),
+            baseline=f"bare {BARE_NAMES[args.engine][1]} p90",
+            clicks=len(served["click"]),
+            **common,
+        ),
+        emit(
+            "concurrent_click_ms_p50",
+            statistics.median(served["concurrent"]),
+            "ms",
+            statistics.median(served["click"]),
+            baseline="click_ms_cached_p50 (one annotator)",
+            annotators=args.annotators,
+            clicks=len(served["concurrent"]),
+            **common,
+        ),
+        emit(
+            "concurrent_click_ms_p99",
+            percentile(served["concurrent"], 99),
+            "ms",
+            statistics.median(served["click"]),
+            baseline="click_ms_cached_p50 (one annotator)",
+            annotators=args.annotators,
+            clicks=len(served["concurrent"]),
+            **common,
+        ),
     ]
 
 

@@ -9,6 +9,7 @@ At most `--per-image` instances per image (evenly spaced by label id, determinis
 Figures: classic_box_iou (reference: filled box), classic_box_iou_vs_grabcut (reference: GrabCut
 crop with fallback), classic_prompt_ms (p50 per prompt; reference: the GrabCut baseline's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,15 @@ def grabcut_crop_with_fallback(image: np.ndarray, box: tuple[int, int, int, int]
     crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])
     labels = np.zeros(crop.shape[:2], np.uint8)
     try:
-        cv2.grabCut(crop, labels, (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0), np.zeros((1, 65)), np.zeros((1, 65)), 5, cv2.GC_INIT_WITH_RECT)
+        cv2.grabCut(
+            crop,
+            labels,
+            (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0),
+            np.zeros((1, 65)),
+            np.zeros((1, 65)),
+            5,
+            cv2.GC_INIT_WITH_RECT,
+        )
         found = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     except cv2.error:
         found = np.zeros(crop.shape[:2], bool)
@@ -99,7 +108,14 @@ def run(data: Path, per_image: int, limit_images: int | None) -> None:
         **common,
     )
     p50 = {name: 1000 * float(np.median(values)) for name, values in times.items()}
-    emit("classic_prompt_ms", round(p50["classic"], 2), "ms", round(p50["grabcut"], 2), baseline="GrabCut crop p50", **common)
+    emit(
+        "classic_prompt_ms",
+        round(p50["classic"], 2),
+        "ms",
+        round(p50["grabcut"], 2),
+        baseline="GrabCut crop p50",
+        **common,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

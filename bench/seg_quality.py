@@ -19,10 +19,10 @@ defaults, ~30 for `--minutes 2 5`.
 Prints one JSON line per figure and budget: value = ours, reference = baseline (means over the
 seeds), ratio = ours / baseline; the per-seed values come along.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import platform
 import random
@@ -34,26 +34,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import emit
 from segmentation.data import Sample, read_image
+from segmentation.network import build_network
 from segmentation.tiled_inference import segment_images
 from segmentation.trainer import TrainConfig, class_scores, fit
-from segmentation.network import build_network
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DSB_TRAIN, DSB_TEST = 30, 40
-
-
-def emit(figure: str, value: float, unit: str, reference: float, **extra) -> None:
-    try:
-        from bench.common import emit as common_emit
-    except ImportError:
-        common_emit = None
-    if common_emit is not None:
-        common_emit(figure, value, unit, reference, **extra)
-        return
-    ratio = value / reference if reference else None
-    print(json.dumps({"figure": figure, "value": round(value, 4), "unit": unit, "reference": round(reference, 4),
-                      "ratio": None if ratio is None else round(ratio, 3), **extra}), flush=True)
 
 
 def dsb2018_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
@@ -70,6 +58,7 @@ def dsb2018_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
 
 def yeast_samples(root: Path) -> tuple[list[Sample], list[Sample]]:
     """(12 training samples, [test-image]) with masks 0 background, 1 mother, 2 daughter."""
+
     def sample(path: Path) -> Sample:
         return Sample(path.stem, read_image(path), np.array(Image.open(root / "masks" / path.name)).astype(np.uint8))
 
@@ -99,12 +88,22 @@ def run_pair(samples, test, labels, ours: TrainConfig, baseline: TrainConfig, th
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.seg_quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[2.0],
-                        help="training time per run; several values give figures at several budgets (e.g. 2 5)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        help="training time per run; several values give figures at several budgets (e.g. 2 5)",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per training run (default 1)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="training seeds (split, initialisation, crops); figures are means over them")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="training seeds (split, initialisation, crops); figures are means over them",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if not (args.data / "dsb2018" / "images").is_dir():
@@ -112,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(not m > 0 for m in args.minutes):
         parser.error("--minutes must be positive")
-    machine = f"{platform.machine()} {args.threads} torch thread(s) per run, ours and baseline concurrently, {args.device}"
+    machine = (
+        f"{platform.machine()} {args.threads} torch thread(s) per run, ours and baseline concurrently, {args.device}"
+    )
     started = time.monotonic()
     dsb_train, dsb_test = dsb2018_samples(args.data / "dsb2018")
     yeast_train, yeast_test = yeast_samples(args.data / "yeast")
@@ -130,28 +131,52 @@ def main(argv: list[str] | None = None) -> int:
             (o_scores, o_metrics), (b_scores, b_metrics) = run_pair(train, test, labels, ours, baseline, args.threads)
             ours_runs.append((o_scores, o_metrics))
             base_runs.append((b_scores, b_metrics))
-        extra = {"machine": machine, "data": data, "minutes": minutes, "seeds": args.seeds,
-                 "steps": [m["steps"] for _, m in ours_runs], "reference_steps": [m["steps"] for _, m in base_runs]}
+        extra = {
+            "machine": machine,
+            "data": data,
+            "minutes": minutes,
+            "seeds": args.seeds,
+            "steps": [m["steps"] for _, m in ours_runs],
+            "reference_steps": [m["steps"] for _, m in base_runs],
+        }
         names = ["nucleus"] if len(labels) == 1 else labels
         rows = []
         for kind in ("dice", "iou"):
-            rows.append((f"mean_{kind}", kind, [mean(s[kind]) for s, _ in ours_runs], [mean(s[kind]) for s, _ in base_runs]))
+            rows.append(
+                (f"mean_{kind}", kind, [mean(s[kind]) for s, _ in ours_runs], [mean(s[kind]) for s, _ in base_runs])
+            )
             if kind == "dice" and len(labels) > 1:
                 for index, label in enumerate(names):
-                    rows.append((f"{label}_dice", kind, [s[kind][index] or 0.0 for s, _ in ours_runs],
-                                 [s[kind][index] or 0.0 for s, _ in base_runs]))
+                    rows.append(
+                        (
+                            f"{label}_dice",
+                            kind,
+                            [s[kind][index] or 0.0 for s, _ in ours_runs],
+                            [s[kind][index] or 0.0 for s, _ in base_runs],
+                        )
+                    )
         return [(name, unit, o, b, extra) for name, unit, o, b in rows]
 
     def report(prefix, rows, rename=None):
         for name, unit, ours, base, extra in rows:
             figure = (rename or {}).get(name, f"{prefix}_{name}")
-            emit(figure, float(np.mean(ours)), unit, float(np.mean(base)),
-                 **extra, values_per_seed=[round(v, 4) for v in ours], references_per_seed=[round(v, 4) for v in base])
+            emit(
+                figure,
+                float(np.mean(ours)),
+                unit,
+                float(np.mean(base)),
+                **extra,
+                values_per_seed=[round(v, 4) for v in ours],
+                references_per_seed=[round(v, 4) for v in base],
+            )
 
     for minutes in args.minutes:
         data = f"dsb2018: {len(dsb_train)} training images, {len(dsb_test)} held-out test images (seeded choice)"
-        report("dsb2018", figures(dsb_train, dsb_test, ["nucleus"], minutes, data),
-               rename={"mean_dice": "dsb2018_fg_dice", "mean_iou": "dsb2018_fg_iou"})
+        report(
+            "dsb2018",
+            figures(dsb_train, dsb_test, ["nucleus"], minutes, data),
+            rename={"mean_dice": "dsb2018_fg_dice", "mean_iou": "dsb2018_fg_iou"},
+        )
         data = f"yeast: {len(yeast_train)} training images, evaluated on test-image.png"
         report("yeast", figures(yeast_train, yeast_test, labels, minutes, data))
     print(f"seg_quality finished in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -10,13 +10,13 @@ same run, so the ratio is the cost of everything around the network (HTTP, fetch
 RLE encoding, polygons). The model is trained for a few seconds first so that its masks, and
 thus the regions encoded, look like real ones (random weights give speckle).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
 import http.server
-import json
 import platform
 import socket
 import sys
@@ -33,9 +33,10 @@ from PIL import Image
 
 from backends.server.app import create_app
 from backends.settings import Settings
+from bench.common import emit
 from segmentation.data import Sample, read_image
-from segmentation.tiled_inference import segment_images
 from segmentation.model import SegmentationBackend
+from segmentation.tiled_inference import segment_images
 from segmentation.trainer import TrainConfig, train
 from segmentation.versions import load_current
 
@@ -46,25 +47,15 @@ CONFIG = """<View>
 </View>"""
 
 
-def emit(figure: str, value: float, unit: str, reference: float, **extra) -> None:
-    try:
-        from bench.common import emit as common_emit
-    except ImportError:
-        common_emit = None
-    if common_emit is not None:
-        common_emit(figure, value, unit, reference, **extra)
-        return
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "reference": round(reference, 3),
-                      "ratio": round(value / reference, 3) if reference else None, **extra}), flush=True)
-
-
 def load_images(data: Path, count: int) -> tuple[list[Sample], str]:
     """DSB2018 images with foreground masks (first `count` by name), or synthetic ones when absent."""
     root = data / "dsb2018"
     if (root / "images").is_dir():
         paths = sorted((root / "images").glob("*.png"))[:count]
-        samples = [Sample(p.stem, read_image(p), (np.array(Image.open(root / "labels" / p.name)) > 0).astype(np.uint8))
-                   for p in paths]
+        samples = [
+            Sample(p.stem, read_image(p), (np.array(Image.open(root / "labels" / p.name)) > 0).astype(np.uint8))
+            for p in paths
+        ]
         sizes = sorted({f"{s.image.shape[1]}x{s.image.shape[0]}" for s in samples})
         return samples, f"dsb2018: first {len(samples)} images by name ({', '.join(sizes)})"
     rng = np.random.default_rng(0)
@@ -122,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     samples, data = load_images(args.data, args.images)
     machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, cpu"
 
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
         model_dir = scratch / "models"
         train(samples, ["Nucleus"], model_dir, TrainConfig(minutes=args.train_seconds / 60, device="cpu"))
         folder = scratch / "images"
@@ -132,13 +123,24 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(sample.image).save(folder / f"{sample.name}.png")
         image_server, image_host = serve_folder(folder)
         settings = dataclasses.replace(
-            Settings(), model_dir=model_dir, device="cpu", image_allowed_hosts=(image_host,),
-            image_cache_dir=scratch / "cache", image_cache_mb=0.0)  # no cache: every image is fetched
+            Settings(),
+            model_dir=model_dir,
+            device="cpu",
+            image_allowed_hosts=(image_host,),
+            image_cache_dir=scratch / "cache",
+            image_cache_mb=0.0,
+        )  # no cache: every image is fetched
         backend, url = serve_backend(settings)
         try:
-            tasks = [{"id": i + 1, "data": {"image": f"http://{image_host}/{s.name}.png"}} for i, s in enumerate(samples)]
-            body = {"tasks": tasks, "project": "1.1700000000", "label_config": CONFIG,
-                    "params": {"login": None, "password": None, "context": None}}
+            tasks = [
+                {"id": i + 1, "data": {"image": f"http://{image_host}/{s.name}.png"}} for i, s in enumerate(samples)
+            ]
+            body = {
+                "tasks": tasks,
+                "project": "1.1700000000",
+                "label_config": CONFIG,
+                "params": {"login": None, "password": None, "context": None},
+            }
             requests.post(f"{url}/predict", json=body | {"tasks": tasks[:1]}, timeout=300).raise_for_status()
             http_s = []
             for _ in range(args.repeats):
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             regions = sum(len(r["result"]) for r in results)
 
             model = load_current(model_dir, "cpu")
+            if model is None:
+                raise SystemExit(f"training wrote no model version under {model_dir}")
             images = [s.image for s in samples]
             raw_s = []
             for _ in range(args.repeats):
@@ -161,9 +165,17 @@ def main(argv: list[str] | None = None) -> int:
             backend.should_exit = True
             image_server.shutdown()
             image_server.server_close()
-    emit("seg_preannotation_throughput", len(tasks) / min(http_s), "images/s", len(tasks) / min(raw_s),
-         machine=machine, data=data, tasks_per_request=len(tasks), regions=regions,
-         reference_is="segment_images on decoded images (same model, same run)")
+    emit(
+        "seg_preannotation_throughput",
+        len(tasks) / min(http_s),
+        "images/s",
+        len(tasks) / min(raw_s),
+        machine=machine,
+        data=data,
+        tasks_per_request=len(tasks),
+        regions=regions,
+        reference_is="segment_images on decoded images (same model, same run)",
+    )
     return 0
 
 

@@ -1,10 +1,11 @@
 """The two ML backends (`python -m sam`, `python -m segmentation`) as local processes."""
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import requests
 

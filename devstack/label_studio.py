@@ -4,6 +4,7 @@ The first start on an empty database migrates for ~25 s. So a migrated data dire
 admin user and legacy token) is kept once per Label Studio version under run/ls-template/ and
 copied for every new instance, which then starts in a few seconds.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -53,11 +54,11 @@ class Credentials:
     token: str
 
     @classmethod
-    def generate(cls) -> "Credentials":
+    def generate(cls) -> Credentials:
         return cls("admin@example.com", secrets.token_urlsafe(12), secrets.token_hex(20))
 
     @classmethod
-    def load(cls, data_dir: Path) -> "Credentials":
+    def load(cls, data_dir: Path) -> Credentials:
         return cls(**json.loads((Path(data_dir) / CREDENTIALS_FILE).read_text()))
 
     def save(self, data_dir: Path) -> None:
@@ -72,7 +73,7 @@ class LabelStudioServer:
     port: int
     data_dir: Path
     credentials: Credentials
-    process: ManagedProcess | None
+    process: ManagedProcess
 
     @property
     def token(self) -> str:
@@ -125,12 +126,13 @@ class LabelStudioServer:
             timeout=60,
         )
         if response.status_code != 201:
-            raise RuntimeError(f"import into project {project_id} failed: HTTP {response.status_code} {response.text[:300]}")
+            raise RuntimeError(
+                f"import into project {project_id} failed: HTTP {response.status_code} {response.text[:300]}"
+            )
         return list(response.json()["task_ids"])
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+        self.process.stop()
 
 
 def label_studio_installed() -> bool:
@@ -140,7 +142,7 @@ def label_studio_installed() -> bool:
 def installed_version() -> str:
     """The label-studio version in .venv-ls (LS_VERSION when its metadata cannot be found)."""
     for dist_info in sorted(LS_VENV.glob("lib/python*/site-packages/label_studio-*.dist-info")):
-        return dist_info.name[len("label_studio-"):-len(".dist-info")]
+        return dist_info.name[len("label_studio-") : -len(".dist-info")]
     return LS_VERSION
 
 
@@ -191,9 +193,17 @@ def _launch(
 ) -> LabelStudioServer:
     url = f"http://127.0.0.1:{port}"
     argv = [
-        str(LS_BIN), "start", "--no-browser",
-        "--internal-host", "127.0.0.1", "-p", str(port),
-        "--data-dir", str(data_dir), "--log-level", "INFO",
+        str(LS_BIN),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        "INFO",
     ]
     env = label_studio_env(data_dir, url, credentials, gcs_url, local_files_root)
     log_start = log_path.stat().st_size if log_path.exists() else 0
@@ -272,8 +282,13 @@ def ensure_template(timeout: float = 180.0) -> Path:
             credentials = Credentials.generate()
             started = time.monotonic()
             server = _launch(
-                staging, credentials, TEMPLATE_ROOT / f"{version}.log",
-                free_port(), None, None, timeout,
+                staging,
+                credentials,
+                TEMPLATE_ROOT / f"{version}.log",
+                free_port(),
+                None,
+                None,
+                timeout,
             )
             server.stop()
             credentials.save(staging)

@@ -3,16 +3,18 @@
 Every process runs in its own process group (so its children stop with it) and writes stdout and
 stderr to one log file; startup errors quote the tail of that log.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import requests
 
@@ -85,10 +87,8 @@ def group_alive(pgid: int) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect `pid` if it is an exited child of ours (a zombie still counts as a group member)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def stop_group(pgid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
@@ -96,10 +96,8 @@ def stop_group(pgid: int, timeout: float = 10.0, popen: subprocess.Popen | None 
 
     `popen`, when we are the parent, is reaped so that it leaves no zombie.
     """
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen is not None and popen.poll() is None:
@@ -111,15 +109,11 @@ def stop_group(pgid: int, timeout: float = 10.0, popen: subprocess.Popen | None 
             break
         time.sleep(0.1)
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if popen is not None:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
     else:
         time.sleep(0.1)
         _reap(pgid)
@@ -151,9 +145,7 @@ class ManagedProcess:
     def fail(self, reason: str) -> StartupError:
         """Stop the process and build the error to raise, quoting the log tail."""
         self.stop(timeout=5)
-        return StartupError(
-            f"{self.name} {reason} (log: {self.log_path}); last lines:\n{self.log_tail()}"
-        )
+        return StartupError(f"{self.name} {reason} (log: {self.log_path}); last lines:\n{self.log_tail()}")
 
 
 def spawn(

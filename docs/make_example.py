@@ -3,6 +3,7 @@ the weight-free classic engine returns for them (the picture in README.md).
 
     .venv/bin/python docs/make_example.py
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,7 @@ def main() -> Path:
     engine = ClassicEngine()
     embedding = engine.embed(image)
     canvas = image.copy()
-    for box, colour in zip(BOXES, COLOURS):
+    for box, colour in zip(BOXES, COLOURS, strict=True):
         mask, _score = engine.predict(embedding, box=list(box))
         canvas[mask] = (0.45 * canvas[mask] + 0.55 * np.array(colour)).astype(np.uint8)
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)

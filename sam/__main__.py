@@ -1,4 +1,5 @@
 """`python -m sam --host 0.0.0.0 --port 9090`: serve the interactive SAM backend."""
+
 from backends.server.cli import main
 from sam.model import SamBackend
 

@@ -10,6 +10,7 @@ never come here: they read the embedding cache and go straight to the decoder.
 Memory: at most `max_batch` decoded images (the queue holds their pixels) plus one batch of
 encoder activations are alive beyond the embedding cache's cap; `max_batch` = 1 turns batching off.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -109,7 +110,9 @@ class EmbedBatcher:
             self._queue.sort()
             # a batch holds one priority: a first click never waits for prewarm images to encode
             size = 0
-            while size < min(self.max_batch, len(self._queue)) and self._queue[size].priority == self._queue[0].priority:
+            while (
+                size < min(self.max_batch, len(self._queue)) and self._queue[size].priority == self._queue[0].priority
+            ):
                 size += 1
             batch, self._queue = self._queue[:size], self._queue[size:]
             return batch
@@ -126,8 +129,10 @@ class EmbedBatcher:
             try:
                 with self._engine_lock:
                     embeddings = self.engine.embed_batch([job.pixels for job in batch])
+                if len(embeddings) != len(batch):  # checked before any future is resolved
+                    raise RuntimeError(f"embed_batch returned {len(embeddings)} embeddings for {len(batch)} images")
                 self._count(len(batch))
-                for job, embedding in zip(batch, embeddings):
+                for job, embedding in zip(batch, embeddings, strict=True):
                     job.future.set_result(embedding)
                 return
             except Exception as error:  # one bad image must not fail the others: retry one by one

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from backends.metrics import Metrics
@@ -66,7 +67,7 @@ class ByteLRU(Generic[K, V]):
         capacity_bytes: int,
         sizeof: Callable[[V], int] = nbytes,
         name: str = "cache",
-        metrics: "Metrics | None" = None,
+        metrics: Metrics | None = None,
     ):
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
@@ -119,7 +120,7 @@ class ByteLRU(Generic[K, V]):
                 return entry[0]
             flight = self._flights.get(key)
             leader = flight is None
-            if leader:
+            if flight is None:
                 flight = self._flights[key] = _Flight()
                 self._count_miss()
             else:
@@ -212,21 +213,13 @@ class ByteLRU(Generic[K, V]):
 class _CacheMetrics:
     """The cache's children of the shared `cache_*` metrics, labelled with the cache's name."""
 
-    def __init__(self, metrics: "Metrics", name: str, capacity_bytes: int):
+    def __init__(self, metrics: Metrics, name: str, capacity_bytes: int):
         labels = ("cache",)
-        self.hits = metrics.counter("cache_hits", "Cache lookups served without computing", labels).labels(
+        self.hits = metrics.counter("cache_hits", "Cache lookups served without computing", labels).labels(name)
+        self.misses = metrics.counter("cache_misses", "Cache lookups that computed the value", labels).labels(name)
+        self.evictions = metrics.counter("cache_evictions", "Entries evicted to respect the byte cap", labels).labels(
             name
         )
-        self.misses = metrics.counter("cache_misses", "Cache lookups that computed the value", labels).labels(
-            name
-        )
-        self.evictions = metrics.counter(
-            "cache_evictions", "Entries evicted to respect the byte cap", labels
-        ).labels(name)
         self.bytes = metrics.gauge("cache_bytes", "Bytes currently held by the cache", labels).labels(name)
-        self.entries = metrics.gauge("cache_entries", "Entries currently held by the cache", labels).labels(
-            name
-        )
-        metrics.gauge("cache_capacity_bytes", "Byte cap of the cache", labels).labels(name).set(
-            capacity_bytes
-        )
+        self.entries = metrics.gauge("cache_entries", "Entries currently held by the cache", labels).labels(name)
+        metrics.gauge("cache_capacity_bytes", "Byte cap of the cache", labels).labels(name).set(capacity_bytes)

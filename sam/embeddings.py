@@ -7,24 +7,24 @@ lock for both unless it declares `independent_embed = True`. The key is `ImageFe
 task_id)` (task id + URI without signature parameters), known before the image is fetched: a
 cached click costs no download and no decode.
 """
+
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from backends.errors import BadRequest
 from backends.images.pixel_budget import holding_image
 from backends.metrics import Metrics
 from backends.settings import Settings
-from backends.errors import BadRequest
 from sam.embed_batcher import EmbedBatcher
-from sam.prompts import Prompt
-from sam.refinement import Refinement, RefinementMemory, is_refinement_key
 from sam.embedding_cache import ByteLRU
 from sam.engines import embedding_nbytes
+from sam.prompts import Prompt
+from sam.refinement import Refinement, RefinementMemory, is_refinement_key
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class EmbeddingStore:
         # Embeddings and refinement logits share one byte cap (EMBEDDING_CACHE_MB) and one LRU.
         self.cache: ByteLRU[str, Any] = ByteLRU(
             int(settings.embedding_cache_mb * 1024 * 1024),
-            sizeof=lambda value: value.nbytes if isinstance(value, Refinement) else embedding_nbytes(engine, value.embedding),
+            sizeof=lambda value: (
+                value.nbytes if isinstance(value, Refinement) else embedding_nbytes(engine, value.embedding)
+            ),
             name="embeddings",
             metrics=metrics,
         )
@@ -83,7 +85,9 @@ class EmbeddingStore:
         with self._predict_lock:
             if self.refines:
                 previous = self.refinements.previous_logits(record.identity, prompt)
-                prediction = self.engine.predict_with_logits(record.embedding, prompt.box, points, labels, mask_input=previous)
+                prediction = self.engine.predict_with_logits(
+                    record.embedding, prompt.box, points, labels, mask_input=previous
+                )
                 mask, score = prediction.mask, prediction.score
             else:
                 mask, score = self.engine.predict(record.embedding, box=prompt.box, points=points, point_labels=labels)
@@ -99,7 +103,9 @@ class EmbeddingStore:
                 "facebook/sam3 checkpoint (its concept detector)"
             )
         with self._predict_lock:
-            found = self.engine.segment_text(record.embedding, text, score_threshold=threshold, max_instances=max_instances)
+            found = self.engine.segment_text(
+                record.embedding, text, score_threshold=threshold, max_instances=max_instances
+            )
         return [(self._checked(record, mask), float(score)) for mask, score in found]
 
     def _checked(self, record: ImageEmbedding, mask: Any) -> np.ndarray:
@@ -111,7 +117,7 @@ class EmbeddingStore:
         return mask
 
     def health(self) -> dict:
-        refinements = sum(1 for key in self.cache.keys() if is_refinement_key(key))
+        refinements = sum(1 for key in self.cache.keys() if is_refinement_key(key))  # noqa: SIM118  ByteLRU is no dict: keys() is a snapshot taken under its lock
         return {
             "engine": self.engine.name,
             "device": str(getattr(self.engine, "device", "cpu")),

@@ -21,6 +21,7 @@ not prewarmed (their first click computes the embedding), so prewarming never ev
 a bounded share of the embedding cache. An interactive request holds at most
 MAX_PROMPTS_PER_REQUEST prompts (context regions x tasks).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,9 +30,9 @@ from typing import Any
 
 from backends.errors import BackendError, BadRequest, TooManyRequests
 from backends.label_studio.label_config import BRUSH_TYPES
+from backends.label_studio.regions import mask_regions
 from backends.server.model_base import BackendRuntime, BackendService, LabelStudioMLBase, ModelResponse
 from backends.server.protocol import image_uri_of
-from backends.label_studio.regions import mask_regions
 from backends.server.work_queue import QueueFull
 from sam.embeddings import EmbeddingStore
 from sam.engines import load_engine
@@ -107,8 +108,9 @@ class SamBackend(LabelStudioMLBase):
         if not context:
             self._start_prewarm(tasks, refuse_when_full=False)
             return ModelResponse(model_version=self.model_version, predictions=[])
-        prompts = parse_context(context, self.parsed_label_config, len(tasks),
-                                self.runtime.settings.max_prompts_per_request)
+        prompts = parse_context(
+            context, self.parsed_label_config, len(tasks), self.runtime.settings.max_prompts_per_request
+        )
         return ModelResponse(
             model_version=self.model_version,
             predictions=[self._segment(task, prompts) for task in tasks],
@@ -150,8 +152,9 @@ class SamBackend(LabelStudioMLBase):
         polygon = next((tag for tag in tags if tag.type not in BRUSH_TYPES), None)
         regions: list[dict] = []
         for tag in choose_outputs(brush, polygon, self.runtime.settings.sam_output):
-            regions += mask_regions(mask, label, tag, score, to_name=image,
-                                    tolerance=self.runtime.settings.sam_polygon_tolerance)
+            regions += mask_regions(
+                mask, label, tag, score, to_name=image, tolerance=self.runtime.settings.sam_polygon_tolerance
+            )
         return regions
 
     def _instances(self, record: Any, text: str) -> list:
@@ -173,9 +176,7 @@ class SamBackend(LabelStudioMLBase):
                 "(PREWARM_MAX_PER_REQUEST): retrieve predictions for fewer tasks at a time"
             )
         config = self.parsed_label_config
-        image = config.primary_image()
-        if image is None:
-            raise BadRequest("the label config has no Image tag with a brush or polygon output")
+        image = config.required_primary_image()
         labels = list(dict.fromkeys(label for tag in config.output_tags(image) for label in tag.labels))
         predictions = []
         for task in tasks:
@@ -186,11 +187,13 @@ class SamBackend(LabelStudioMLBase):
                     for mask, score in self._instances(record, phrase):
                         regions += self._regions(mask, label, image, score)
                         scores.append(score)
-            predictions.append({
-                "result": regions,
-                "score": sum(scores) / len(scores) if scores else 0.0,
-                "model_version": self.model_version,
-            })
+            predictions.append(
+                {
+                    "result": regions,
+                    "score": sum(scores) / len(scores) if scores else 0.0,
+                    "model_version": self.model_version,
+                }
+            )
         return predictions
 
     # -- prewarming ------------------------------------------------------------------------------
@@ -219,8 +222,13 @@ class SamBackend(LabelStudioMLBase):
                 break
             queued += 1
         if len(tasks) > queued:
-            log.debug("project %s: %d of %d tasks not prewarmed (PREWARM_MAX_PER_REQUEST=%d)",
-                      self.project_id, len(tasks) - queued, len(tasks), limit)
+            log.debug(
+                "project %s: %d of %d tasks not prewarmed (PREWARM_MAX_PER_REQUEST=%d)",
+                self.project_id,
+                len(tasks) - queued,
+                len(tasks),
+                limit,
+            )
         return {"queued": queued, "not_prewarmed": len(tasks) - queued}
 
     def _image_refs(self, task: Any) -> list[ImageRef]:

@@ -5,6 +5,7 @@ became 16 regions). `auto` (default) answers with a brush region when a brush ta
 else a polygon; `brush` / `polygon` prefer that kind (falling back to the other when the config
 has only it); `both` answers with one region of each kind the config has.
 """
+
 from __future__ import annotations
 
 from typing import TypeVar

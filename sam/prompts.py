@@ -16,15 +16,17 @@ The prompt's label is the region's label; the backend maps it to the output labe
 `parse_context` checks a context once per request, before any image is fetched;
 `PromptContext.prompts(width, height)` then gives each task's prompts in its image's pixels.
 """
+
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any
 
 from backends.errors import BadRequest
-from sam.text_prompts import TEXTAREA, TextPrompt, text_prompts
 from backends.label_studio.label_config import LabelConfig
 from backends.masks.coords import percent_box_to_pixels, percent_point_to_pixels
+from sam.text_prompts import TEXTAREA, TextPrompt, text_prompts
 
 RECTANGLE = "rectanglelabels"
 KEYPOINT = "keypointlabels"
@@ -186,7 +188,7 @@ def _assemble(
             loose.append(point)
     prompts = [
         Prompt(label, image, box, tuple(p.xy for p in extra), tuple(int(p.positive) for p in extra), from_name)
-        for (box, label, from_name), extra in zip(boxes, refining)
+        for (box, label, from_name), extra in zip(boxes, refining, strict=True)
     ]
     for label in dict.fromkeys(p.label for p in loose):  # first-seen order
         group = [p for p in loose if p.label == label]

@@ -11,6 +11,7 @@ are reused only when the earlier prompt is a prefix of this one (same anchor, it
 at least one new click). They live in the embedding cache, inside EMBEDDING_CACHE_MB (a SAM or
 SAM 2.1 region costs 256 KiB), and leave it with the same LRU rule.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from sam.prompts import Prompt
-
 
 _PREFIX = "refine|"  # image identities never start with it: they start with the origin or task id
 
@@ -42,7 +42,9 @@ def region_key(identity: str, prompt: Prompt) -> str:
     if prompt.box is not None:
         anchor = "box:" + ",".join(f"{v:.2f}" for v in prompt.box)
     else:
-        first = next((xy for xy, sign in zip(prompt.points, prompt.point_labels) if sign), prompt.points[0])
+        first = next(
+            (xy for xy, sign in zip(prompt.points, prompt.point_labels, strict=True) if sign), prompt.points[0]
+        )
         anchor = f"points:{first[0]:.2f},{first[1]:.2f}"
     return f"{_PREFIX}{identity}|{prompt.to_name}|{prompt.label}|{anchor}"
 

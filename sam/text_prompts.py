@@ -8,10 +8,12 @@ Pre-annotation (SAM_TEXT_PROMPTS=labels): each output label is looked for under 
 its synonyms (SAM_TEXT_SYNONYMS="Nucleus=nucleus|cell nucleus;Top=shirt|blouse").
 Pure functions; no model here.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from backends.errors import BadRequest
 

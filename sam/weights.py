@@ -7,6 +7,7 @@ against another value (for a mirror). The file is streamed to `<name>.part` besi
 verified, then moved into place with `os.replace`: a crash or a bad download never leaves a
 truncated checkpoint under the final name.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,7 @@ once, here, into `CliSettings`:
 User errors (bad token, missing bucket, Label Studio unreachable, bad arguments) raise `UserError`;
 `run_main` turns them into one line on stderr and exit status 2, without a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,15 @@ import os
 import re
 import sys
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from backends.label_studio.auth import strip_key_scheme
+
+if TYPE_CHECKING:  # imported where used: the SDK is slow to import
+    from label_studio_sdk import LabelStudio
 
 log = logging.getLogger("sdk_scripts")
 
@@ -58,7 +63,7 @@ class CliSettings:
     polygon_max_vertices: int = 10_000
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "CliSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CliSettings:
         env = os.environ if environ is None else environ
         return cls(
             label_studio_url=env.get("LABEL_STUDIO_URL", "").strip().rstrip("/"),
@@ -112,14 +117,17 @@ def run_main(body: Callable[[], int]) -> int:
 
 
 def add_label_studio_arguments(parser) -> None:
-    parser.add_argument("--url", default=None,
-                        help="Label Studio URL (default: $LABEL_STUDIO_URL)")
+    parser.add_argument("--url", default=None, help="Label Studio URL (default: $LABEL_STUDIO_URL)")
 
 
 def add_gcs_arguments(parser) -> None:
-    parser.add_argument("--gcs-credentials", default=None, metavar="KEY.json",
-                        help="service-account key file for GCS (default: $GOOGLE_APPLICATION_CREDENTIALS, "
-                             "else Application Default Credentials; $STORAGE_EMULATOR_HOST selects an emulator)")
+    parser.add_argument(
+        "--gcs-credentials",
+        default=None,
+        metavar="KEY.json",
+        help="service-account key file for GCS (default: $GOOGLE_APPLICATION_CREDENTIALS, "
+        "else Application Default Credentials; $STORAGE_EMULATOR_HOST selects an emulator)",
+    )
 
 
 # --------------------------------------------------------------------- Label Studio
@@ -127,7 +135,7 @@ def add_gcs_arguments(parser) -> None:
 class LabelStudioConnection:
     """A checked SDK client (`ls`: label_studio_sdk.LabelStudio) and the URL it talks to."""
 
-    ls: object
+    ls: LabelStudio
     url: str
     api_key: str = field(default="", repr=False)
 
@@ -148,8 +156,10 @@ def connect_label_studio(settings: CliSettings, url: str | None = None) -> Label
     if not base_url.startswith(("http://", "https://")):
         raise UserError(f"Label Studio URL must start with http:// or https://, got {base_url!r}")
     if not settings.label_studio_api_key:
-        raise UserError("no API key: set LABEL_STUDIO_API_KEY (a legacy token or a personal access token "
-                        "from Label Studio's Account & Settings page)")
+        raise UserError(
+            "no API key: set LABEL_STUDIO_API_KEY (a legacy token or a personal access token "
+            "from Label Studio's Account & Settings page)"
+        )
     ls = LabelStudio(base_url=base_url, api_key=settings.label_studio_api_key, timeout=60)
     connection = LabelStudioConnection(ls=ls, url=base_url, api_key=settings.label_studio_api_key)
     connection.call(ls.users.whoami, what="check the API key")
@@ -177,8 +187,10 @@ def describe_api_error(error, what: str) -> str:
     """One line for an SDK `ApiError`: what failed, the status and Label Studio's own message."""
     status = getattr(error, "status_code", None)
     if status == 401:
-        return (f"Label Studio rejected the API key (HTTP 401) while trying to {what}: "
-                "check LABEL_STUDIO_API_KEY (legacy token or personal access token)")
+        return (
+            f"Label Studio rejected the API key (HTTP 401) while trying to {what}: "
+            "check LABEL_STUDIO_API_KEY (legacy token or personal access token)"
+        )
     if status == 403:
         return f"the API key's user may not {what} (HTTP 403)"
     if status == 404:
@@ -208,7 +220,7 @@ def _flatten(value) -> str:
 
 
 def list_projects(conn: LabelStudioConnection) -> list:
-    pager = conn.call(conn.ls.projects.list, page_size=100, what="list projects")
+    pager: Iterable[Any] = conn.call(conn.ls.projects.list, page_size=100, what="list projects")
     return conn.call(list, pager, what="list projects")
 
 
@@ -216,7 +228,7 @@ def find_project(conn: LabelStudioConnection, project: str) -> int:
     """A project id from `project`: a number is an id, anything else an exact title (one match)."""
     if project.strip().isdigit():
         found = conn.call(conn.ls.projects.get, id=int(project), what=f"read project {project}")
-        return int(found.id)
+        return project_id_of(found)
     matches = [p for p in list_projects(conn) if (p.title or "") == project]
     if not matches:
         raise UserError(f"no project titled {project!r} in Label Studio {conn.url}")
@@ -226,12 +238,20 @@ def find_project(conn: LabelStudioConnection, project: str) -> int:
     return int(matches[0].id)
 
 
+def project_id_of(project: Any) -> int:
+    """An SDK project object's id (typed Optional by the SDK; Label Studio always sends it)."""
+    if project.id is None:
+        raise UserError("Label Studio answered with a project that has no id")
+    return int(project.id)
+
+
 def iter_tasks(conn: LabelStudioConnection, project_id: int, fields: str = "all") -> Iterator[dict]:
     """Every task of a project as a plain dict (id, data, ...), page by page, with storage URIs as
     stored (``gs://...``), not rewritten to Label Studio's resolve links."""
     what = f"list the tasks of project {project_id}"
-    pager = conn.call(conn.ls.tasks.list, project=project_id, fields=fields, page_size=500, resolve_uri=False,
-                      what=what)
+    pager: Iterable[Any] = conn.call(
+        conn.ls.tasks.list, project=project_id, fields=fields, page_size=500, resolve_uri=False, what=what
+    )
     iterator = iter(pager)
     while True:
         task = conn.call(next, iterator, None, what=what)
@@ -279,8 +299,11 @@ def gcs_client(settings: CliSettings, credentials_file: str | None = None):
     if settings.storage_emulator_host:
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project="test", credentials=AnonymousCredentials(),
-                              client_options={"api_endpoint": settings.storage_emulator_host})
+        return storage.Client(
+            project="test",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": settings.storage_emulator_host},
+        )
     if key_file:
         if not Path(key_file).is_file():
             raise UserError(f"GCS key file {key_file} does not exist")
@@ -328,14 +351,16 @@ def gcs_retry(deadline_s: float = 20.0):
     """A retry policy that gives up after `deadline_s` (the library's default waits 120 s)."""
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    return DEFAULT_RETRY.with_timeout(deadline_s) if hasattr(DEFAULT_RETRY, "with_timeout") \
+    return (
+        DEFAULT_RETRY.with_timeout(deadline_s)
+        if hasattr(DEFAULT_RETRY, "with_timeout")
         else DEFAULT_RETRY.with_deadline(deadline_s)
+    )
 
 
 def require_bucket(client, bucket: str) -> None:
     """Raise `UserError` unless `bucket` exists and is readable."""
-    exists = call_gcs(client.bucket(bucket).exists, retry=gcs_retry(), timeout=15,
-                      what=f"check bucket gs://{bucket}")
+    exists = call_gcs(client.bucket(bucket).exists, retry=gcs_retry(), timeout=15, what=f"check bucket gs://{bucket}")
     if not exists:
         raise UserError(f"GCS bucket gs://{bucket} does not exist (or the credentials cannot see it)")
 
@@ -343,14 +368,24 @@ def require_bucket(client, bucket: str) -> None:
 def list_objects(client, bucket: str, prefix: str) -> list[str]:
     """Object names under `prefix` (a folder: "a/b" lists "a/b/..."), sorted."""
     folder = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    blobs = call_gcs(client.list_blobs, bucket, prefix=folder or None, retry=gcs_retry(), timeout=30,
-                     what=f"list gs://{bucket}/{folder}")
+    blobs = call_gcs(
+        client.list_blobs,
+        bucket,
+        prefix=folder or None,
+        retry=gcs_retry(),
+        timeout=30,
+        what=f"list gs://{bucket}/{folder}",
+    )
     return sorted(call_gcs(lambda: [blob.name for blob in blobs], what=f"list gs://{bucket}/{folder}"))
 
 
 def read_object(client, bucket: str, name: str) -> bytes:
-    return call_gcs(client.bucket(bucket).blob(name).download_as_bytes, retry=gcs_retry(), timeout=60,
-                    what=f"read gs://{bucket}/{name}")
+    return call_gcs(
+        client.bucket(bucket).blob(name).download_as_bytes,
+        retry=gcs_retry(),
+        timeout=60,
+        what=f"read gs://{bucket}/{name}",
+    )
 
 
 # --------------------------------------------------------------------- names and files
@@ -386,7 +421,7 @@ def unique_stems(names: Sequence[str], keys: Sequence[object]) -> list[str]:
         counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
     result: list[str] = []
     taken: set[str] = set()
-    for stem, key in zip(stems, keys):
+    for stem, key in zip(stems, keys, strict=True):
         candidate = stem if counts[stem.lower()] == 1 else f"{stem}-{safe_stem(str(key))}"
         while candidate.lower() in taken:
             candidate += "_"
@@ -397,4 +432,4 @@ def unique_stems(names: Sequence[str], keys: Sequence[object]) -> list[str]:
 
 def batched(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), max(1, size)):
-        yield items[start:start + max(1, size)]
+        yield items[start : start + max(1, size)]

@@ -34,6 +34,7 @@ when Label Studio runs with FUTURE_SAVE_TASK_TO_STORAGE). Images are read throug
 ``--gcs-direct`` when this machine has credentials. Output names come from the image's file name,
 sanitised (no path traversal), with ``-<task id>`` added where two images share a name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,17 +43,17 @@ import os
 import posixpath
 import shlex
 import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import TypeGuard
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from backends.label_studio.annotations import newest_annotation
-
 from sdk_scripts.common import (
     CliSettings,
     LabelStudioConnection,
@@ -82,10 +83,23 @@ DATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Recu
 # Reads that fail one after another mean GCS itself is failing, not one bad object: stop.
 MAX_CONSECUTIVE_READ_FAILURES = 10
 # Distinct colours for class 1, 2, ... (class 0, background, is not painted).
-PALETTE = np.array([
-    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
-], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [170, 110, 40],
+    ],
+    dtype=np.uint8,
+)
 
 
 @dataclass(frozen=True)
@@ -225,9 +239,10 @@ def select_exports(tasks: Iterable[Mapping], data_key: str) -> tuple[list[TaskEx
         else:
             chosen.append(TaskExport(task_id, uri, annotation))
     chosen.sort(key=lambda item: item.task_id)
-    stems = unique_stems([posixpath.basename(item.image_uri.split("?", 1)[0]) for item in chosen],
-                         [item.task_id for item in chosen])
-    return [replace(item, stem=stem) for item, stem in zip(chosen, stems)], skipped
+    stems = unique_stems(
+        [posixpath.basename(item.image_uri.split("?", 1)[0]) for item in chosen], [item.task_id for item in chosen]
+    )
+    return [replace(item, stem=stem) for item, stem in zip(chosen, stems, strict=True)], skipped
 
 
 def image_size_from_results(results: Sequence[Mapping]) -> tuple[int, int] | None:
@@ -235,9 +250,13 @@ def image_size_from_results(results: Sequence[Mapping]) -> tuple[int, int] | Non
     for region in results:
         if isinstance(region, Mapping):
             height, width = region.get("original_height"), region.get("original_width")
-            if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            if _positive_int(height) and _positive_int(width):
                 return height, width
     return None
+
+
+def _positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -261,8 +280,9 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 def tasks_from_api(conn: LabelStudioConnection, project_id: int) -> list[dict]:
     """Annotated tasks of a project from Label Studio's JSON export."""
     what = f"export the annotations of project {project_id}"
-    chunks = conn.call(conn.ls.projects.exports.download_sync, id=project_id, export_type="JSON",
-                       download_all_tasks=False, what=what)
+    chunks = conn.call(
+        conn.ls.projects.exports.download_sync, id=project_id, export_type="JSON", download_all_tasks=False, what=what
+    )
     payload = conn.call(lambda: b"".join(chunks), what=what)
     try:
         tasks = json.loads(payload)
@@ -284,8 +304,9 @@ def tasks_from_bucket(client, location: str, project_id: int | None, progress: b
     tasks: dict[int, dict] = {}
     failures: list[str] = []
     failing_reads = 0
-    for name in tqdm(list_objects(client, bucket, prefix), desc="reading annotations", unit="object",
-                     disable=not progress):
+    for name in tqdm(
+        list_objects(client, bucket, prefix), desc="reading annotations", unit="object", disable=not progress
+    ):
         try:
             content = read_object(client, bucket, name)
             failing_reads = 0
@@ -333,14 +354,21 @@ def _describe_data_error(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------- writing
-def export_task(item: TaskExport, label_map: Mapping[str, int], out: Path, overlap: str,
-                fetcher, with_images: bool, max_polygon_vertices: int | None = None) -> list[str]:
+def export_task(
+    item: TaskExport,
+    label_map: Mapping[str, int],
+    out: Path,
+    overlap: str,
+    fetcher,
+    with_images: bool,
+    max_polygon_vertices: int | None = None,
+) -> list[str]:
     """Write one task's files; returns warnings (regions skipped, ...). Raises BackendError/UserError.
 
     max_polygon_vertices: POLYGON_MAX_VERTICES (None: the backends' default).
     """
-    from backends.masks.polygons import DEFAULT_MAX_VERTICES
     from backends.label_studio.regions import results_to_class_mask
+    from backends.masks.polygons import DEFAULT_MAX_VERTICES
 
     results = item.annotation.get("result") or []
     if with_images:
@@ -352,8 +380,14 @@ def export_task(item: TaskExport, label_map: Mapping[str, int], out: Path, overl
         if size is None:
             raise UserError("no region carries the image size; export with images")
         (height, width), image = size, None
-    mask, warnings = results_to_class_mask(results, label_map, height, width, overlap=overlap,
-                                           max_polygon_vertices=max_polygon_vertices or DEFAULT_MAX_VERTICES)
+    mask, warnings = results_to_class_mask(
+        results,
+        label_map,
+        height,
+        width,
+        overlap=overlap,
+        max_polygon_vertices=max_polygon_vertices or DEFAULT_MAX_VERTICES,
+    )
     write_png(out / "masks" / f"{item.stem}.png", mask)
     if image is not None:
         write_png(out / "images" / f"{item.stem}.png", image)
@@ -366,17 +400,27 @@ def image_fetcher(settings: CliSettings, base_url: str, gcs_direct: bool):
     from backends.images.fetcher import ImageFetcher
     from backends.settings import Settings
 
-    return ImageFetcher(Settings(
-        label_studio_url=base_url,
-        label_studio_api_key=settings.label_studio_api_key,
-        image_cache_mb=0.0,
-        gcs_direct_read=gcs_direct,
-    ))
+    return ImageFetcher(
+        Settings(
+            label_studio_url=base_url,
+            label_studio_api_key=settings.label_studio_api_key,
+            image_cache_mb=0.0,
+            gcs_direct_read=gcs_direct,
+        )
+    )
 
 
-def export_project(tasks: Sequence[Mapping], label_config: str, out: Path, overlap: str, fetcher,
-                   with_images: bool = True, progress: bool = True, data_key: str | None = None,
-                   max_polygon_vertices: int | None = None) -> ExportSummary:
+def export_project(
+    tasks: Sequence[Mapping],
+    label_config: str,
+    out: Path,
+    overlap: str,
+    fetcher,
+    with_images: bool = True,
+    progress: bool = True,
+    data_key: str | None = None,
+    max_polygon_vertices: int | None = None,
+) -> ExportSummary:
     """Write the files for every task with a usable annotation; label_map.json and tasks.json too.
 
     The managed entries under `out` (MANAGED_ENTRIES) end up holding exactly this export; a task
@@ -397,13 +441,22 @@ def export_project(tasks: Sequence[Mapping], label_config: str, out: Path, overl
                 summary.failed.append(f"task {item.task_id} ({item.image_uri}): {getattr(error, 'message', error)}")
                 continue
             except DATA_ERRORS as error:
-                summary.failed.append(f"task {item.task_id} ({item.image_uri}): annotation {item.annotation.get('id')} "
-                                      f"is {_describe_data_error(error)}")
+                summary.failed.append(
+                    f"task {item.task_id} ({item.image_uri}): annotation {item.annotation.get('id')} "
+                    f"is {_describe_data_error(error)}"
+                )
                 continue
             summary.exported.append(item.stem)
             summary.warnings.extend(f"task {item.task_id}: {warning}" for warning in warnings)
-            index.append({"stem": item.stem, "task_id": item.task_id, "image": item.image_uri,
-                          "annotation_id": item.annotation.get("id"), "warnings": warnings})
+            index.append(
+                {
+                    "stem": item.stem,
+                    "task_id": item.task_id,
+                    "image": item.image_uri,
+                    "annotation_id": item.annotation.get("id"),
+                    "warnings": warnings,
+                }
+            )
         (staging / "tasks.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -451,8 +504,7 @@ def train_command(out: Path, labels: Sequence[str]) -> tuple[str, list[str]]:
     splits on commas and strips spaces). Labels it cannot carry (a comma, surrounding spaces) leave
     `--labels` out, and a note says why.
     """
-    command = ["python", "-m", "segmentation.train", "--images", str(out / "images"),
-               "--masks", str(out / "masks")]
+    command = ["python", "-m", "segmentation.train", "--images", str(out / "images"), "--masks", str(out / "masks")]
     unsafe = [label for label in labels if "," in label or label != label.strip() or not label]
     notes = []
     if unsafe:
@@ -473,23 +525,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdk_scripts.export_masks",
         description="Export a Label Studio project's annotations as images/, masks/ (uint8 class-index PNG), "
-                    "overlays/ and label_map.json, the layout `python -m segmentation.train` reads. "
-                    "Auth: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY.",
+        "overlays/ and label_map.json, the layout `python -m segmentation.train` reads. "
+        "Auth: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY.",
     )
     add_label_studio_arguments(parser)
     add_gcs_arguments(parser)
     parser.add_argument("--project", required=True, help="project id or exact title")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--from-bucket", default=None, metavar="gs://BUCKET/PREFIX",
-                        help="read annotations from the export storage's JSON objects instead of the API")
-    parser.add_argument("--overlap", choices=OVERLAP_RULES, default="later",
-                        help="which region wins where regions overlap: later (drawn last, default), "
-                             "earlier, or smaller")
-    parser.add_argument("--gcs-direct", action="store_true",
-                        help="read gs:// images directly with this machine's GCS credentials "
-                             "(default: through Label Studio)")
-    parser.add_argument("--masks-only", action="store_true",
-                        help="write masks and label_map.json only (no image download, no overlays)")
+    parser.add_argument(
+        "--from-bucket",
+        default=None,
+        metavar="gs://BUCKET/PREFIX",
+        help="read annotations from the export storage's JSON objects instead of the API",
+    )
+    parser.add_argument(
+        "--overlap",
+        choices=OVERLAP_RULES,
+        default="later",
+        help="which region wins where regions overlap: later (drawn last, default), earlier, or smaller",
+    )
+    parser.add_argument(
+        "--gcs-direct",
+        action="store_true",
+        help="read gs:// images directly with this machine's GCS credentials (default: through Label Studio)",
+    )
+    parser.add_argument(
+        "--masks-only", action="store_true", help="write masks and label_map.json only (no image download, no overlays)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -506,9 +568,16 @@ def run(args: argparse.Namespace, settings: CliSettings) -> int:
     else:
         tasks = tasks_from_api(conn, project_id)
     fetcher = None if args.masks_only else image_fetcher(settings, conn.url, args.gcs_direct)
-    summary = export_project(tasks, project.label_config or "", args.out, args.overlap, fetcher,
-                             with_images=not args.masks_only, progress=progress,
-                             max_polygon_vertices=settings.polygon_max_vertices)
+    summary = export_project(
+        tasks,
+        project.label_config or "",
+        args.out,
+        args.overlap,
+        fetcher,
+        with_images=not args.masks_only,
+        progress=progress,
+        max_polygon_vertices=settings.polygon_max_vertices,
+    )
     return report(summary, unreadable, args.out, with_images=not args.masks_only)
 
 
@@ -521,8 +590,11 @@ def report(summary: ExportSummary, unreadable: Sequence[str], out: Path, with_im
     for line in list(unreadable) + summary.failed:
         print(f"failed: {line}")
     failed = len(unreadable) + len(summary.failed)
-    print(f"exported {len(summary.exported)} task(s) to {out} ({len(summary.skipped)} skipped, {failed} failed"
-          + (f": {len(unreadable)} stored object(s) unreadable" if unreadable else "") + ")")
+    print(
+        f"exported {len(summary.exported)} task(s) to {out} ({len(summary.skipped)} skipped, {failed} failed"
+        + (f": {len(unreadable)} stored object(s) unreadable" if unreadable else "")
+        + ")"
+    )
     if summary.exported and with_images:
         labels = list(json.loads((out / "label_map.json").read_text(encoding="utf-8")))
         command, notes = train_command(out, labels)

@@ -23,6 +23,7 @@ task's ``image`` value, whoever created the task, a storage sync included). Imag
 and metadata without images are reported at the end (``--require-metadata`` fails before importing
 anything when an image has none). ``--dry-run`` shows what would be imported and changes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ import io
 import json
 import math
 import posixpath
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -91,7 +92,7 @@ class ImportPlan:
 
 # --------------------------------------------------------------------- manifests (pure)
 def manifest_format(name: str) -> str:
-    """"csv", "jsonl" or "json" from a file name's extension."""
+    """ "csv", "jsonl" or "json" from a file name's extension."""
     lowered = name.lower()
     if lowered.endswith((".csv", ".tsv")):
         return "csv"
@@ -114,23 +115,30 @@ def parse_manifest(text: str, fmt: str, key_field: str | None = None, name: str 
     if fmt == "csv":
         records = _csv_records(text, name)
     elif fmt == "jsonl":
-        records = [(f"{name} line {number}", *_json_record(line))
-                   for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        records = [
+            (f"{name} line {number}", *_json_record(line))
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     elif fmt == "json":
         records = _json_document_records(text, name, key_field or "image")
     else:
         raise UserError(f"unknown manifest format {fmt!r}")
     readable = [record for _, record, _ in records if record is not None]
     if not readable:
-        return Manifest(rows={}, key_field=key_field or "",
-                        lost=tuple(f"{where}: {problem}" for where, _, problem in records))
+        return Manifest(
+            rows={}, key_field=key_field or "", lost=tuple(f"{where}: {problem}" for where, _, problem in records)
+        )
     chosen = key_field or _guess_key_field(readable[0].keys(), name)
     rows: dict[str, dict] = {}
     failed: dict[str, str] = {}
     warnings: list[str] = []
     lost: list[str] = []
     for number, (where, record, problem) in enumerate(records, start=1):
-        key = record.get(chosen) if record is not None else None
+        if record is None:  # unreadable: `problem` says why
+            lost.append(f"{where}: {problem}")
+            continue
+        key = record.get(chosen)
         if problem is None:
             problem = metadata_problem(record)
         if key is None or not isinstance(key, (str, int)) or str(key).strip() == "":
@@ -182,8 +190,9 @@ def _csv_records(text: str, name: str) -> list[Record]:
                 continue
             if None in row:
                 raise UserError(f"{name} line {reader.line_num} has more cells than the header")
-            records.append((where, {k.strip(): v.strip() for k, v in row.items()
-                                    if k and v is not None and v.strip() != ""}, None))
+            records.append(
+                (where, {k.strip(): v.strip() for k, v in row.items() if k and v is not None and v.strip() != ""}, None)
+            )
     finally:
         csv.field_size_limit(previous_limit)
 
@@ -208,16 +217,23 @@ def _json_document_records(text: str, name: str, key_name: str) -> list[Record]:
     except ValueError as error:
         raise UserError(f"{name} is not valid JSON: {error}") from None
     except RecursionError:
-        raise UserError(f"{name} is nested too deeply to read (use at most {MAX_METADATA_DEPTH} levels); "
-                        "nothing imported") from None
+        raise UserError(
+            f"{name} is nested too deeply to read (use at most {MAX_METADATA_DEPTH} levels); nothing imported"
+        ) from None
     if isinstance(document, dict):
-        return [(f"{name} entry {key!r}", {key_name: key, **value}, None) if isinstance(value, dict)
-                else (f"{name} entry {key!r}", {key_name: key}, f"must be a JSON object, got {type(value).__name__}")
-                for key, value in document.items()]
+        return [
+            (f"{name} entry {key!r}", {key_name: key, **value}, None)
+            if isinstance(value, dict)
+            else (f"{name} entry {key!r}", {key_name: key}, f"must be a JSON object, got {type(value).__name__}")
+            for key, value in document.items()
+        ]
     if isinstance(document, list):
-        return [(f"{name} item {i}", item, None) if isinstance(item, dict)
-                else (f"{name} item {i}", None, f"must be a JSON object, got {type(item).__name__}")
-                for i, item in enumerate(document)]
+        return [
+            (f"{name} item {i}", item, None)
+            if isinstance(item, dict)
+            else (f"{name} item {i}", None, f"must be a JSON object, got {type(item).__name__}")
+            for i, item in enumerate(document)
+        ]
     raise UserError(f"{name} must hold a JSON list of objects or an object of objects")
 
 
@@ -259,8 +275,10 @@ def _guess_key_field(columns: Iterable[str], name: str) -> str:
     for candidate in KEY_FIELDS:
         if candidate in lowered:
             return lowered[candidate]
-    raise UserError(f"{name} has no key column (one of {', '.join(KEY_FIELDS)}); columns: {', '.join(present)}. "
-                    "Name it with --key-field")
+    raise UserError(
+        f"{name} has no key column (one of {', '.join(KEY_FIELDS)}); columns: {', '.join(present)}. "
+        "Name it with --key-field"
+    )
 
 
 def resolve_key(key: str, bucket: str, prefix: str, object_names: set[str]) -> str | None:
@@ -268,7 +286,7 @@ def resolve_key(key: str, bucket: str, prefix: str, object_names: set[str]) -> s
     name relative to `prefix`."""
     key = key.strip()
     if key.startswith("gs://"):
-        key_bucket, _, name = key[len("gs://"):].partition("/")
+        key_bucket, _, name = key[len("gs://") :].partition("/")
         return name if key_bucket == bucket and name in object_names else None
     key = key.lstrip("/")
     if key in object_names:
@@ -377,12 +395,14 @@ def held_back_images(
             held[image] = f"sidecar {sidecar_errors[sidecar]}"
     if manifest is not None:
         for key, why in manifest.failed.items():
-            image = resolve_key(key, bucket, prefix, names)
-            if image is not None:
-                held[image] = why
+            resolved = resolve_key(key, bucket, prefix, names)
+            if resolved is not None:
+                held[resolved] = why
         if manifest.lost:
-            why = (f"no metadata, and the manifest has {len(manifest.lost)} unreadable row(s) that may be "
-                   f"this image's ({manifest.lost[0]})")
+            why = (
+                f"no metadata, and the manifest has {len(manifest.lost)} unreadable row(s) that may be "
+                f"this image's ({manifest.lost[0]})"
+            )
             for image in names - set(metadata) - set(held):
                 held[image] = why
     return held
@@ -488,14 +508,20 @@ def existing_image_uris(conn: LabelStudioConnection, project_id: int, data_key: 
     }
 
 
-def import_tasks(conn: LabelStudioConnection, project_id: int, tasks: Sequence[dict], batch_size: int,
-                 progress: bool) -> list[int]:
+def import_tasks(
+    conn: LabelStudioConnection, project_id: int, tasks: Sequence[dict], batch_size: int, progress: bool
+) -> list[int]:
     """Create `tasks` in batches; returns the new task ids."""
     ids: list[int] = []
     with tqdm(total=len(tasks), desc="importing", unit="task", disable=not progress) as bar:
         for batch in batched(list(tasks), batch_size):
-            response = conn.call(conn.ls.projects.import_tasks, id=project_id, request=list(batch),
-                                 return_task_ids=True, what=f"import {len(batch)} tasks into project {project_id}")
+            response = conn.call(
+                conn.ls.projects.import_tasks,
+                id=project_id,
+                request=list(batch),
+                return_task_ids=True,
+                what=f"import {len(batch)} tasks into project {project_id}",
+            )
             ids.extend(int(i) for i in (getattr(response, "task_ids", None) or []))
             bar.update(len(batch))
     return ids
@@ -506,19 +532,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdk_scripts.import_gcs",
         description="Create Label Studio tasks {image: gs://..., ...metadata} for the images under a GCS "
-                    "prefix; only new images are imported. Auth: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY; "
-                    "GCS: Application Default Credentials, --gcs-credentials or STORAGE_EMULATOR_HOST.",
+        "prefix; only new images are imported. Auth: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY; "
+        "GCS: Application Default Credentials, --gcs-credentials or STORAGE_EMULATOR_HOST.",
     )
     add_label_studio_arguments(parser)
     add_gcs_arguments(parser)
     parser.add_argument("--project", required=True, help="project id or exact title")
     parser.add_argument("--source", required=True, metavar="gs://BUCKET/PREFIX", help="where the images are")
-    parser.add_argument("--manifest", default=None, metavar="PATH|gs://...",
-                        help="metadata per image: CSV, JSON lines or JSON, keyed by object name")
+    parser.add_argument(
+        "--manifest",
+        default=None,
+        metavar="PATH|gs://...",
+        help="metadata per image: CSV, JSON lines or JSON, keyed by object name",
+    )
     parser.add_argument("--key-field", default=None, help="the manifest's key column (default: guessed)")
     parser.add_argument("--no-sidecars", action="store_true", help="ignore per-image JSON sidecars")
-    parser.add_argument("--require-metadata", action="store_true",
-                        help="fail (importing nothing) when an image has no metadata")
+    parser.add_argument(
+        "--require-metadata", action="store_true", help="fail (importing nothing) when an image has no metadata"
+    )
     parser.add_argument("--data-key", default="image", help="task data field of the image (default: image)")
     parser.add_argument("--batch-size", type=int, default=250, help="tasks per import request (default 250)")
     parser.add_argument("--dry-run", action="store_true", help="show what would be imported; change nothing")
@@ -540,6 +571,10 @@ def run(args: argparse.Namespace, settings: CliSettings) -> int:
     manifest = read_manifest(args.manifest, client, args.key_field) if args.manifest else None
     manifest_object = parse_gs_uri(args.manifest)[1] if args.manifest and args.manifest.startswith("gs://") else ""
     candidates = [name for name in object_names if name != manifest_object]
+    sidecars: dict[str, str]
+    orphans: list[str]
+    documents: dict[str, dict]
+    sidecar_errors: dict[str, str]
     if args.no_sidecars:
         sidecars, orphans, documents, sidecar_errors = {}, [], {}, {}
     else:
@@ -549,16 +584,26 @@ def run(args: argparse.Namespace, settings: CliSettings) -> int:
     metadata, unmatched = gather_metadata(bucket, prefix, candidates, manifest, documents, sidecars, orphans)
     held_back = held_back_images(bucket, prefix, images, metadata, manifest, sidecars, sidecar_errors)
     existing = existing_image_uris(conn, project_id, args.data_key)
-    plan = plan_import(bucket, images, metadata, existing, unmatched, args.data_key,
-                       warnings=manifest_warnings(manifest), held_back=held_back)
+    plan = plan_import(
+        bucket,
+        images,
+        metadata,
+        existing,
+        unmatched,
+        args.data_key,
+        warnings=manifest_warnings(manifest),
+        held_back=held_back,
+    )
     source = f"gs://{bucket}/{prefix}".rstrip("/")
     for warning in plan.warnings:
         print(f"warning: {warning}")
     if not images:
         print(f"warning: no image objects under {source}")
     if args.require_metadata and plan.without_metadata:
-        raise UserError(f"{len(plan.without_metadata)} image(s) have no metadata (--require-metadata), "
-                        f"nothing imported: {', '.join(plan.without_metadata[:SHOWN])}")
+        raise UserError(
+            f"{len(plan.without_metadata)} image(s) have no metadata (--require-metadata), "
+            f"nothing imported: {', '.join(plan.without_metadata[:SHOWN])}"
+        )
     for line in plan.failed:
         print(f"failed: {line}")
     if args.dry_run:

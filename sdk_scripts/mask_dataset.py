@@ -1,15 +1,16 @@
 """A PyTorch Dataset over an export_masks folder (images/, masks/, label_map.json).
 
-    from sdk_scripts.mask_dataset import MaskDataset
-    dataset = MaskDataset("exported/")
-    image, mask = dataset[0]        # 3xHxW float32 in [0, 1], HxW int64 class indices
-    dataset.labels                  # ("Nucleus", "Cell"): class k is labels[k - 1]; 0 is background
+from sdk_scripts.mask_dataset import MaskDataset
+dataset = MaskDataset("exported/")
+image, mask = dataset[0]        # 3xHxW float32 in [0, 1], HxW int64 class indices
+dataset.labels                  # ("Nucleus", "Cell"): class k is labels[k - 1]; 0 is background
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

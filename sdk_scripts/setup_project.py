@@ -21,14 +21,15 @@ It is connected with ``synchronizable`` off, so Label Studio refuses a "Sync" th
 the tasks import_gcs made. ``--allow-sync`` turns it on (tasks from a sync carry no metadata;
 import_gcs still skips images that a sync already imported).
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from tqdm import tqdm
 
@@ -42,6 +43,7 @@ from sdk_scripts.common import (
     connect_label_studio,
     list_projects,
     parse_gs_uri,
+    project_id_of,
     run_main,
 )
 
@@ -126,21 +128,37 @@ def ensure_project(conn: LabelStudioConnection, options: SetupOptions) -> Change
         ids = ", ".join(str(p.id) for p in matches)
         raise UserError(f"{len(matches)} projects are titled {options.title!r} (ids {ids}): rename all but one")
     if not matches:
-        created = conn.call(conn.ls.projects.create, title=options.title, label_config=options.label_config,
-                            what=f"create project {options.title!r}")
-        return Change("project", int(created.id), "created", options.title)
+        created = conn.call(
+            conn.ls.projects.create,
+            title=options.title,
+            label_config=options.label_config,
+            what=f"create project {options.title!r}",
+        )
+        return Change("project", project_id_of(created), "created", options.title)
     project_id = int(matches[0].id)
     current = conn.call(conn.ls.projects.get, id=project_id, what=f"read project {project_id}")
     if normalise_xml(current.label_config or "") == normalise_xml(options.label_config):
         return Change("project", project_id, "unchanged", options.title)
-    conn.call(conn.ls.projects.update, id=project_id, label_config=options.label_config,
-              what=f"update the label config of project {project_id} (Label Studio refuses changes that "
-                   "would drop labels already used in annotations)")
+    conn.call(
+        conn.ls.projects.update,
+        id=project_id,
+        label_config=options.label_config,
+        what=f"update the label config of project {project_id} (Label Studio refuses changes that "
+        "would drop labels already used in annotations)",
+    )
     return Change("project", project_id, "updated", "label config")
 
 
-def _ensure_storage(conn: LabelStudioConnection, client, kind: str, project_id: int,
-                    bucket: str, prefix: str, desired: dict, options: SetupOptions) -> Change:
+def _ensure_storage(
+    conn: LabelStudioConnection,
+    client,
+    kind: str,
+    project_id: int,
+    bucket: str,
+    prefix: str,
+    desired: dict,
+    options: SetupOptions,
+) -> Change:
     where = f"gs://{bucket}/{prefix}".rstrip("/")
     existing = [
         _as_dict(s) for s in conn.call(client.list, project=project_id, what=f"list {kind}s of project {project_id}")
@@ -148,8 +166,15 @@ def _ensure_storage(conn: LabelStudioConnection, client, kind: str, project_id: 
     matches = [s for s in existing if s.get("bucket") == bucket and (s.get("prefix") or "").strip("/") == prefix]
     secrets = {"google_application_credentials": options.storage_credentials} if options.storage_credentials else {}
     if not matches:
-        created = conn.call(client.create, project=project_id, bucket=bucket, prefix=prefix, **desired, **secrets,
-                            what=f"connect {where} as {kind}")
+        created = conn.call(
+            client.create,
+            project=project_id,
+            bucket=bucket,
+            prefix=prefix,
+            **desired,
+            **secrets,
+            what=f"connect {where} as {kind}",
+        )
         return Change(kind, int(created.id), "created", where)
     storage = matches[0]
     changed = fields_to_update(storage, desired)
@@ -161,8 +186,10 @@ def _ensure_storage(conn: LabelStudioConnection, client, kind: str, project_id: 
     return Change(kind, int(storage["id"]), "updated", f"{where} ({', '.join(sorted(changed))})")
 
 
-def ensure_import_storage(conn: LabelStudioConnection, project_id: int, options: SetupOptions) -> Change:
-    bucket, prefix = options.source
+def ensure_import_storage(
+    conn: LabelStudioConnection, project_id: int, source: tuple[str, str], options: SetupOptions
+) -> Change:
+    bucket, prefix = source
     desired = {
         "title": f"source gs://{bucket}/{prefix}".rstrip("/"),
         "description": storage_description(options),
@@ -175,12 +202,15 @@ def ensure_import_storage(conn: LabelStudioConnection, project_id: int, options:
     }
     if options.google_project_id:
         desired["google_project_id"] = options.google_project_id
-    return _ensure_storage(conn, conn.ls.import_storage.gcs, "import storage", project_id, bucket, prefix,
-                           desired, options)
+    return _ensure_storage(
+        conn, conn.ls.import_storage.gcs, "import storage", project_id, bucket, prefix, desired, options
+    )
 
 
-def ensure_export_storage(conn: LabelStudioConnection, project_id: int, options: SetupOptions) -> Change:
-    bucket, prefix = options.target
+def ensure_export_storage(
+    conn: LabelStudioConnection, project_id: int, target: tuple[str, str], options: SetupOptions
+) -> Change:
+    bucket, prefix = target
     desired = {
         "title": f"target gs://{bucket}/{prefix}".rstrip("/"),
         "description": storage_description(options),
@@ -189,13 +219,16 @@ def ensure_export_storage(conn: LabelStudioConnection, project_id: int, options:
     }
     if options.google_project_id:
         desired["google_project_id"] = options.google_project_id
-    return _ensure_storage(conn, conn.ls.export_storage.gcs, "export storage", project_id, bucket, prefix,
-                           desired, options)
+    return _ensure_storage(
+        conn, conn.ls.export_storage.gcs, "export storage", project_id, bucket, prefix, desired, options
+    )
 
 
 def ensure_backend(conn: LabelStudioConnection, project_id: int, spec: BackendSpec, options: SetupOptions) -> Change:
-    existing = [_as_dict(m) for m in conn.call(conn.ls.ml.list, project=project_id,
-                                               what=f"list the ML backends of project {project_id}")]
+    existing = [
+        _as_dict(m)
+        for m in conn.call(conn.ls.ml.list, project=project_id, what=f"list the ML backends of project {project_id}")
+    ]
     matches = [m for m in existing if same_url(m.get("url", ""), spec.url)]
     desired: dict = {"title": spec.title, "is_interactive": spec.is_interactive}
     auth: dict = {}
@@ -204,15 +237,22 @@ def ensure_backend(conn: LabelStudioConnection, project_id: int, spec: BackendSp
         auth = {"basic_auth_pass": options.basic_auth_pass}
     hint = "is the backend running? start it or pass --skip-backends"
     if not matches:
-        created = conn.call(conn.ls.ml.create, project=project_id, url=spec.url, **desired, **auth,
-                            what=f"connect the ML backend {spec.url} ({hint})")
+        created = conn.call(
+            conn.ls.ml.create,
+            project=project_id,
+            url=spec.url,
+            **desired,
+            **auth,
+            what=f"connect the ML backend {spec.url} ({hint})",
+        )
         return Change("ml backend", int(created.id), "created", spec.url)
     backend = matches[0]
     changed = fields_to_update(backend, desired)
     if not changed:
         return Change("ml backend", int(backend["id"]), "unchanged", spec.url)
-    conn.call(conn.ls.ml.update, id=int(backend["id"]), **changed, **auth,
-              what=f"update the ML backend {spec.url} ({hint})")
+    conn.call(
+        conn.ls.ml.update, id=int(backend["id"]), **changed, **auth, what=f"update the ML backend {spec.url} ({hint})"
+    )
     return Change("ml backend", int(backend["id"]), "updated", f"{spec.url} ({', '.join(sorted(changed))})")
 
 
@@ -225,10 +265,10 @@ def setup_project(conn: LabelStudioConnection, options: SetupOptions, progress: 
         changes.append(project)
         bar.update()
         if options.source is not None:
-            changes.append(ensure_import_storage(conn, project.id, options))
+            changes.append(ensure_import_storage(conn, project.id, options.source, options))
             bar.update()
         if options.target is not None:
-            changes.append(ensure_export_storage(conn, project.id, options))
+            changes.append(ensure_export_storage(conn, project.id, options.target, options))
             bar.update()
         for spec in options.backends:
             changes.append(ensure_backend(conn, project.id, spec, options))
@@ -241,33 +281,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdk_scripts.setup_project",
         description="Create or update a Label Studio project with GCS storages and the two ML backends "
-                    "(idempotent). Auth: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.",
+        "(idempotent). Auth: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.",
     )
     add_label_studio_arguments(parser)
     parser.add_argument("--title", required=True, help="project title (an existing project with it is updated)")
-    parser.add_argument("--label-config", type=Path, default=DEFAULT_LABEL_CONFIG,
-                        help="label config XML file (default: %(default)s)")
+    parser.add_argument(
+        "--label-config", type=Path, default=DEFAULT_LABEL_CONFIG, help="label config XML file (default: %(default)s)"
+    )
     parser.add_argument("--source", metavar="gs://BUCKET/PREFIX", help="images: connected as import storage")
-    parser.add_argument("--target", metavar="gs://BUCKET/PREFIX",
-                        help="annotations: connected as export storage (written on submit)")
-    parser.add_argument("--presign", action=argparse.BooleanOptionalAction, default=False,
-                        help="browsers read images through presigned URLs (needs a service-account key in "
-                             "Label Studio) instead of through Label Studio (default: --no-presign)")
-    parser.add_argument("--presign-ttl", type=int, default=15, metavar="MINUTES",
-                        help="presigned URL lifetime (default 15)")
-    parser.add_argument("--regex-filter", default=IMAGE_REGEX, help="which source objects are images "
-                        "(default: %(default)s)")
-    parser.add_argument("--allow-sync", action="store_true",
-                        help="let Label Studio's 'Sync' create tasks from the source bucket (without metadata); "
-                             "off by default so tasks come only from import_gcs")
-    parser.add_argument("--gcs-credentials", type=Path, default=None, metavar="KEY.json",
-                        help="service-account key that Label Studio stores and uses for both buckets "
-                             "(default: Label Studio's own environment)")
+    parser.add_argument(
+        "--target", metavar="gs://BUCKET/PREFIX", help="annotations: connected as export storage (written on submit)"
+    )
+    parser.add_argument(
+        "--presign",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="browsers read images through presigned URLs (needs a service-account key in "
+        "Label Studio) instead of through Label Studio (default: --no-presign)",
+    )
+    parser.add_argument(
+        "--presign-ttl", type=int, default=15, metavar="MINUTES", help="presigned URL lifetime (default 15)"
+    )
+    parser.add_argument(
+        "--regex-filter", default=IMAGE_REGEX, help="which source objects are images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--allow-sync",
+        action="store_true",
+        help="let Label Studio's 'Sync' create tasks from the source bucket (without metadata); "
+        "off by default so tasks come only from import_gcs",
+    )
+    parser.add_argument(
+        "--gcs-credentials",
+        type=Path,
+        default=None,
+        metavar="KEY.json",
+        help="service-account key that Label Studio stores and uses for both buckets "
+        "(default: Label Studio's own environment)",
+    )
     parser.add_argument("--google-project-id", default="", help="Google Cloud project of the buckets")
-    parser.add_argument("--seg-url", default="http://localhost:7070",
-                        help="segmentation backend URL as Label Studio reaches it (default %(default)s; '' to skip)")
-    parser.add_argument("--sam-url", default="http://localhost:9090",
-                        help="SAM backend URL as Label Studio reaches it (default %(default)s; '' to skip)")
+    parser.add_argument(
+        "--seg-url",
+        default="http://localhost:7070",
+        help="segmentation backend URL as Label Studio reaches it (default %(default)s; '' to skip)",
+    )
+    parser.add_argument(
+        "--sam-url",
+        default="http://localhost:9090",
+        help="SAM backend URL as Label Studio reaches it (default %(default)s; '' to skip)",
+    )
     parser.add_argument("--skip-backends", action="store_true", help="do not connect ML backends")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

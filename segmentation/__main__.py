@@ -1,4 +1,5 @@
 """`python -m segmentation --host 0.0.0.0 --port 7070`: serve the trained segmentation backend."""
+
 from backends.server.cli import main
 from segmentation.model import SegmentationBackend
 

@@ -4,10 +4,11 @@ Geometric transforms move image and mask together (mask with nearest-neighbour
 interpolation, so class indices stay class indices); photometric ones touch the image only.
 Borders are reflected so no artificial black frame (or background band) appears.
 """
+
 from __future__ import annotations
 
-import cv2
 import albumentations as A
+import cv2
 import numpy as np
 
 

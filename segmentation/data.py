@@ -8,13 +8,15 @@ the backend's training runs store every task's decoded image and mask as .npy fi
 only the crop it needs (memory-mapped), so memory does not grow with the number of tasks.
 Both kinds give the same crops for the same random numbers.
 """
+
 from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ class Sample:
         return self.mask.shape
 
     @functools.cached_property
-    def foreground(self) -> "ForegroundIndex":
+    def foreground(self) -> ForegroundIndex:
         return ForegroundIndex.of(self.mask)
 
 
@@ -65,7 +67,7 @@ class ForegroundIndex:
     row_ends: dict[int, np.ndarray] = field(repr=False)
 
     @classmethod
-    def of(cls, mask: np.ndarray, block_rows: int = 256) -> "ForegroundIndex":
+    def of(cls, mask: np.ndarray, block_rows: int = 256) -> ForegroundIndex:
         """Index an HxW uint8 mask, a block of rows at a time (no full-size temporaries)."""
         height = mask.shape[0]
         present = np.zeros(256, np.int64)
@@ -114,7 +116,7 @@ class StoredSample:
         return np.load(self.mask_path, mmap_mode="r")
 
 
-AnySample = Union[Sample, StoredSample]
+AnySample = Sample | StoredSample
 
 
 class SampleStore:
@@ -155,7 +157,7 @@ def pad_to_at_least(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.
     if not (pad_h or pad_w):
         return image, mask
     # Reflection needs the pad to be smaller than the side; "symmetric" repeats as often as needed.
-    mode = "reflect" if pad_h < height and pad_w < width else "symmetric"
+    mode: Literal["reflect", "symmetric"] = "reflect" if pad_h < height and pad_w < width else "symmetric"
     image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
     mask = np.pad(mask, ((0, pad_h), (0, pad_w)), mode=mode)
     return image, mask
@@ -243,11 +245,9 @@ def split_samples(
     validation is empty when there are fewer than 2 samples or val_fraction <= 0."""
     order = list(samples)
     random.Random(seed).shuffle(order)
-    n_val = int(round(len(order) * val_fraction)) if val_fraction > 0 else 0
-    if len(order) >= 2 and val_fraction > 0:
-        n_val = min(max(n_val, 1), len(order) - 1)
-    else:
-        n_val = 0
+    if len(order) < 2 or val_fraction <= 0:
+        return order, []
+    n_val = min(max(round(len(order) * val_fraction), 1), len(order) - 1)
     return order[n_val:], order[:n_val]
 
 
@@ -292,8 +292,13 @@ def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[Path, Path
     """
     images = image_files(images_dir)
     masks = {stem: path for stem, path in image_files(masks_dir).items() if path.suffix.lower() == ".png"}
-    problems = [f"image {images[s].name} has no mask {s}.png in {masks_dir}" for s in sorted(images.keys() - masks.keys())]
-    problems += [f"mask {masks[s].name} has no image with stem {s!r} in {images_dir}" for s in sorted(masks.keys() - images.keys())]
+    problems = [
+        f"image {images[s].name} has no mask {s}.png in {masks_dir}" for s in sorted(images.keys() - masks.keys())
+    ]
+    problems += [
+        f"mask {masks[s].name} has no image with stem {s!r} in {images_dir}"
+        for s in sorted(masks.keys() - images.keys())
+    ]
     pairs = [(images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
     return pairs, problems
 
@@ -347,7 +352,9 @@ def samples_from_tasks(
         if not isinstance(uri, str):
             problems.append(f"task {task_id}: no image under data.{image_key}, skipped")
             continue
-        results = [r for r in annotation.get("result") or [] if isinstance(r, dict) and r.get("from_name") in output_names]
+        results = [
+            r for r in annotation.get("result") or [] if isinstance(r, dict) and r.get("from_name") in output_names
+        ]
         try:
             pixels = load_pixels(uri, task_id)
         except BackendError as error:
@@ -364,6 +371,8 @@ def samples_from_tasks(
             problems.append(f"task {task_id}: annotation {annotation.get('id')} has no usable region, skipped")
             continue
         name = f"task-{task_id}"
-        samples.append(store.add(name, pixels, mask) if store is not None else Sample(name=name, image=pixels, mask=mask))
+        samples.append(
+            store.add(name, pixels, mask) if store is not None else Sample(name=name, image=pixels, mask=mask)
+        )
         del pixels, mask
     return samples, problems

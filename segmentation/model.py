@@ -20,6 +20,7 @@ The story, in order:
 
 Versions of project P live in MODEL_DIR/project-P/ (see segmentation/versions.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,15 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from backends.errors import BackendError, TooManyRequests
-from backends.server.model_base import BackendRuntime, LabelStudioMLBase, ModelResponse
 from backends.images.pixel_budget import holding_image
-from backends.server.protocol import image_uri_of
 from backends.label_studio.regions import mask_regions
+from backends.server.model_base import BackendRuntime, LabelStudioMLBase, ModelResponse
+from backends.server.protocol import image_uri_of
 from backends.server.work_queue import QueueFull
 from segmentation.data import SampleStore, samples_from_tasks
-from segmentation.tiled_inference import segment_images
-from segmentation.trainer import Progress, TrainConfig, train
 from segmentation.service import (
     TRAINING_SAMPLES_PREFIX,
     UNTRAINED,
@@ -47,6 +47,8 @@ from segmentation.service import (
     TrainingStatus,
     remove_interrupted_runs,
 )
+from segmentation.tiled_inference import segment_images
+from segmentation.trainer import Progress, TrainConfig, train
 from segmentation.versions import LOAD_ERRORS, LoadedModel, current_version, load_version
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class SegmentationBackend(LabelStudioMLBase):
         if model is None:  # nothing trained yet: empty pre-annotations, explained in /health
             return ModelResponse(model_version=UNTRAINED, predictions=[{"result": [], "score": 0.0} for _ in tasks])
         config = self.parsed_label_config
-        image_name = config.primary_image()
+        image_name = config.required_primary_image()
         image_key = config.images[image_name]
         single = len(tasks) == 1
         predictions = [self._predict_task(model, task, image_name, image_key, single) for task in tasks]
@@ -127,8 +129,9 @@ class SegmentationBackend(LabelStudioMLBase):
         try:
             with holding_image(self.runtime.images, image_uri_of(task, image_key), task_id) as image:
                 with self.service.inference_lock:
-                    (segmentation,) = segment_images(model.network, [image.pixels], model.device,
-                                                     size_multiple=model.info.network.size_multiple)
+                    (segmentation,) = segment_images(
+                        model.network, [image.pixels], model.device, size_multiple=model.info.network.size_multiple
+                    )
                 regions, notes = self._regions(segmentation, model.info.labels, image_name)
         except BackendError as error:
             if single:
@@ -162,8 +165,10 @@ class SegmentationBackend(LabelStudioMLBase):
             mask = segmentation.mask == index
             size = mask_runs(mask) * RLE_BYTES_PER_RUN
             if size > budget:
-                notes.append(f"label {label!r} left out: its predicted mask is too fragmented (brush RLE of "
-                             f"about {size / 2**20:.1f} MiB, more than SEG_MAX_RLE_MB={self.runtime.settings.seg_max_rle_mb:g})")
+                notes.append(
+                    f"label {label!r} left out: its predicted mask is too fragmented (brush RLE of "
+                    f"about {size / 2**20:.1f} MiB, more than SEG_MAX_RLE_MB={self.runtime.settings.seg_max_rle_mb:g})"
+                )
                 continue
             budget -= size
             for tag in tags:
@@ -182,8 +187,11 @@ class SegmentationBackend(LabelStudioMLBase):
             if event != "START_TRAINING":
                 state.new_annotations += 1
                 if state.new_annotations < self.runtime.settings.train_every:
-                    return {"training": "waiting", "new_annotations": state.new_annotations,
-                            "train_every": self.runtime.settings.train_every}
+                    return {
+                        "training": "waiting",
+                        "new_annotations": state.new_annotations,
+                        "train_every": self.runtime.settings.train_every,
+                    }
             outcome = self._queue_training(event)
             if outcome == "queued":
                 state.new_annotations = 0
@@ -231,33 +239,61 @@ class SegmentationBackend(LabelStudioMLBase):
             labels = self.parsed_label_config.output_labels()
             self.project_dir.mkdir(parents=True, exist_ok=True)
             samples_dir = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=self.project_dir))
+                tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=self.project_dir)
+            )
             samples, problems = self._training_samples(labels, SampleStore(Path(samples_dir)))
-            self._report(problems=[_short(problem) for problem in problems[:MAX_REPORTED_PROBLEMS]],
-                         problem_count=len(problems), samples=len(samples))
+            self._report(
+                problems=[_short(problem) for problem in problems[:MAX_REPORTED_PROBLEMS]],
+                problem_count=len(problems),
+                samples=len(samples),
+            )
             if problems:
                 metrics.skipped.labels(project).inc(len(problems))
-                log.warning("project %s: %d problems in the training data, e.g. %s", project, len(problems), problems[0])
+                log.warning(
+                    "project %s: %d problems in the training data, e.g. %s", project, len(problems), problems[0]
+                )
             if not samples:
                 raise ValueError("no usable annotated task: nothing to train on")
-            config = TrainConfig(minutes=settings.train_minutes, device=str(self.service.device),
-                                 val_fraction=settings.val_fraction)
-            info = train(samples, labels, self.project_dir, config, progress=self._on_progress,
-                         should_stop=self.runtime.stopping.is_set,
-                         extra_training={"project": project, "problem_count": len(problems)})
+            config = TrainConfig(
+                minutes=settings.train_minutes, device=str(self.service.device), val_fraction=settings.val_fraction
+            )
+            info = train(
+                samples,
+                labels,
+                self.project_dir,
+                config,
+                progress=self._on_progress,
+                should_stop=self.runtime.stopping.is_set,
+                extra_training={"project": project, "problem_count": len(problems)},
+            )
             model = load_version(info.path, self.service.device)  # written and promoted: now serve it
             with self.state.lock:
                 self.state.model = model
             self.model_version = info.version
             metrics.val_dice.labels(project).set(info.metrics["val_mean_dice"])
-            self._report(state="idle", model_version=info.version, finished=time.time(),
-                         val_dice=info.metrics["val_dice"], val_iou=info.metrics["val_iou"])
+            self._report(
+                state="idle",
+                model_version=info.version,
+                finished=time.time(),
+                val_dice=info.metrics["val_dice"],
+                val_iou=info.metrics["val_iou"],
+            )
             metrics.runs.labels(project, "ok").inc()
-            log.info("project %s: version %s trained on %d tasks, val mean Dice %.3f",
-                     project, info.version, len(samples), info.metrics["val_mean_dice"])
+            log.info(
+                "project %s: version %s trained on %d tasks, val mean Dice %.3f",
+                project,
+                info.version,
+                len(samples),
+                info.metrics["val_mean_dice"],
+            )
         except Exception as error:  # the served model stays; the failure is reported, not raised
             message = error.message if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
-            log.error("project %s: training failed: %s", project, message, exc_info=not isinstance(error, (BackendError, ValueError)))
+            log.error(
+                "project %s: training failed: %s",
+                project,
+                message,
+                exc_info=not isinstance(error, (BackendError, ValueError)),
+            )
             self._report(state="failed", error=_short(message), finished=time.time())
             metrics.runs.labels(project, "failed").inc()
         finally:
@@ -268,25 +304,37 @@ class SegmentationBackend(LabelStudioMLBase):
         """(samples, problems) from the project's annotated tasks; each decoded image and mask goes
         to `store` (disk) at once, so memory holds one image whatever the number of tasks."""
         config = self.parsed_label_config
-        image_name = config.primary_image()
+        image_name = config.required_primary_image()
         output_names = [tag.name for tag in config.output_tags(image_name)]
         label_map = {label: index for index, label in enumerate(labels, start=1)}
         tasks = self._labelled_tasks()
-        return samples_from_tasks(tasks, config.images[image_name], output_names, label_map,
-                                  lambda uri, task_id: self.runtime.images.load(uri, task_id).pixels, store=store,
-                                  max_polygon_vertices=self.runtime.settings.polygon_max_vertices)
+        return samples_from_tasks(
+            tasks,
+            config.images[image_name],
+            output_names,
+            label_map,
+            lambda uri, task_id: self.runtime.images.load(uri, task_id).pixels,
+            store=store,
+            max_polygon_vertices=self.runtime.settings.polygon_max_vertices,
+        )
 
     def _labelled_tasks(self) -> list[dict]:
         """The project's annotated tasks through Label Studio's export API (JSON, annotations inline)."""
-        return self.runtime.label_studio.get_json(f"/api/projects/{self.project_id}/export",
-                                                  {"exportType": "JSON", "download_all_tasks": "false"})
+        return self.runtime.label_studio.get_json(
+            f"/api/projects/{self.project_id}/export", {"exportType": "JSON", "download_all_tasks": "false"}
+        )
 
     def _on_progress(self, progress: Progress) -> None:
         project = self.project_id or "default"
         self.service.metrics.epoch.labels(project).set(progress.epoch)
         self.service.metrics.loss.labels(project).set(progress.loss)
-        update: dict[str, Any] = {"epoch": progress.epoch, "step": progress.step, "loss": round(progress.loss, 4),
-                  "elapsed_s": round(progress.elapsed_s, 1), "budget_s": progress.budget_s}
+        update: dict[str, Any] = {
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "loss": round(progress.loss, 4),
+            "elapsed_s": round(progress.elapsed_s, 1),
+            "budget_s": progress.budget_s,
+        }
         if progress.best_val_score is not None:
             update["best_val_dice"] = round(progress.best_val_score, 4)
         if progress.val_score is not None:
@@ -297,6 +345,7 @@ class SegmentationBackend(LabelStudioMLBase):
         """Update the project's TrainingStatus (field names as in TrainingStatus)."""
         with self.state.lock:
             self.state.training = self.state.training.updated(**fields)
+
 
 def _short(message: Any) -> str:
     """A message cut to MAX_REPORTED_CHARS for /health (problems quote URIs, which can be long)."""

@@ -3,6 +3,7 @@
 No pretrained weights: the network starts from random weights and learns from the
 project's own annotations. Class 0 is background; class k (1..K) is the k-th label.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ class NetworkConfig:
         return asdict(self) | {"channels": list(self.channels)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "NetworkConfig":
+    def from_json(cls, data: dict) -> NetworkConfig:
         return cls(**(dict(data) | {"channels": tuple(data["channels"])}))
 
 

@@ -5,6 +5,7 @@
 MODEL_DIR is a folder of versions (its current version is used) or one version folder.
 Writes one class-index PNG per image (uint8, 0 = background, k = k-th label), same stem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from backends.devices import resolve_device
 from segmentation.data import image_files, read_image
 from segmentation.tiled_inference import segment_images
-from backends.devices import resolve_device
 from segmentation.versions import METRICS_FILE, LoadedModel, load_current, load_version
 
 
@@ -27,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m segmentation.predict",
         description="Predict class-index PNG masks for a folder of images with a trained model.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="MODEL_DIR (uses its current version) or a version folder")
+    parser.add_argument(
+        "--model", type=Path, required=True, help="MODEL_DIR (uses its current version) or a version folder"
+    )
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output folder for <stem>.png masks")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -66,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, ValueError) as error:  # unreadable file, or not a readable image
                     failures += 1
                     print(f"skipped: {path.name}: {error}", file=sys.stderr)
-            results = segment_images(model.network, [image for _, image in batch], model.device,
-                                     batch_size=args.batch_size, size_multiple=model.info.network.size_multiple)
-            for (stem, _), result in zip(batch, results):
+            results = segment_images(
+                model.network,
+                [image for _, image in batch],
+                model.device,
+                batch_size=args.batch_size,
+                size_multiple=model.info.network.size_multiple,
+            )
+            for (stem, _), result in zip(batch, results, strict=True):
                 Image.fromarray(result.mask.astype(np.uint8)).save(args.out / f"{stem}.png")
             bar.update(len(files[start : start + args.batch_size]))
     print(f"wrote {len(files) - failures} masks to {args.out} (labels: {', '.join(model.info.labels)})")

@@ -6,8 +6,10 @@ each project's model instance (`self.service`). It holds the device, the fallbac
 the training queue, the lock that allows one forward pass at a time and the training metrics, and
 answers what the server asks: /health, /versions and whether a project may be evicted.
 """
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -113,10 +115,8 @@ class TrainingMetrics:
         ]
         series += [(self.runs, (project, outcome)) for outcome in ("ok", "failed")] + [(self.skipped, (project,))]
         for metric, labels in series:
-            try:
+            with contextlib.suppress(KeyError):  # never reported for this project
                 metric.remove(*labels)
-            except KeyError:  # never reported for this project
-                pass
 
 
 def remove_interrupted_runs(model_dir: Path) -> None:
@@ -194,8 +194,12 @@ class SegmentationService(BackendService):
             report["fallback_model_error"] = self.fallback_error
         queue = self.training_queue
         running, waiting = queue.counts()
-        report["training_queue"] = {"running": running, "waiting": waiting,
-                                    "concurrency": queue.workers, "max_waiting": queue.max_waiting}
+        report["training_queue"] = {
+            "running": running,
+            "waiting": waiting,
+            "concurrency": queue.workers,
+            "max_waiting": queue.max_waiting,
+        }
         for project, state in projects.items():
             with state.lock:
                 served = state.model or fallback
@@ -210,12 +214,22 @@ class SegmentationService(BackendService):
     def versions(self) -> list:
         """Every version in MODEL_DIR (project None) and its project folders, oldest first per folder."""
         model_dir = self.model_dir
-        folders = [(None, model_dir)] + [(p.name.removeprefix("project-"), p) for p in sorted(model_dir.glob("project-*"))]
+        folders = [(None, model_dir)] + [
+            (p.name.removeprefix("project-"), p) for p in sorted(model_dir.glob("project-*"))
+        ]
         listed = []
         for project, folder in folders:
             current = current_version(folder)
             for info in list_versions(folder):
-                listed.append({"version": info.version, "project": project, "created": info.created,
-                               "labels": list(info.labels), "current": info.version == current,
-                               "val_dice": info.metrics.get("val_dice"), "val_iou": info.metrics.get("val_iou")})
+                listed.append(
+                    {
+                        "version": info.version,
+                        "project": project,
+                        "created": info.created,
+                        "labels": list(info.labels),
+                        "current": info.version == current,
+                        "val_dice": info.metrics.get("val_dice"),
+                        "val_iou": info.metrics.get("val_iou"),
+                    }
+                )
         return listed

@@ -12,12 +12,14 @@ once. Only a band of one tile's height of logits is held, never C x H x W floats
 image (a 16 MP image took +1.4 GB that way). The mask returned has the image's exact height and
 width.
 """
+
 from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +109,7 @@ def _forward(network: torch.nn.Module, queued: list, device: torch.device | str,
             importance[roi] = gaussian_importance(roi, device)
         batch = np.stack([tiled.window_input(top, left) for tiled, top, left in queued])
         logits = network(torch.from_numpy(batch).to(device)).float()
-        for (tiled, top, left), window_logits in zip(queued, logits):
+        for (tiled, top, left), window_logits in zip(queued, logits, strict=True):
             tiled.blend(top, left, window_logits, importance[roi])
 
 
@@ -121,12 +123,12 @@ class _TiledImage:
     def __init__(self, image: np.ndarray, tile: int, size_multiple: int, overlap: float):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-        self.image = image
+        self.image: np.ndarray | None = image  # released by result()
         self.height, self.width = image.shape[:2]
         self.roi = (min(tile, _ceil_to(self.height, size_multiple)), min(tile, _ceil_to(self.width, size_multiple)))
         # Sides smaller than the window are mirror-padded up to it.
         self.padded = (max(self.height, self.roi[0]), max(self.width, self.roi[1]))
-        starts = [window_starts(side, roi, overlap) for side, roi in zip(self.padded, self.roi)]
+        starts = [window_starts(side, roi, overlap) for side, roi in zip(self.padded, self.roi, strict=True)]
         self.windows = [(top, left) for top in starts[0] for left in starts[1]]  # row by row
         self._unblended = len(self.windows)
         self._mean, self._divisor = image_statistics(image)
@@ -145,6 +147,8 @@ class _TiledImage:
     def window_input(self, top: int, left: int) -> np.ndarray:
         """The window at (top, left) as 3 x roi_h x roi_w float32, normalised like `data.normalize`
         normalises the whole image, mirror-padded at the bottom/right where the image is smaller."""
+        if self.image is None:
+            raise RuntimeError("the image was released by result()")
         rows, cols = self.roi
         pixels = self.image[top : top + rows, left : left + cols]
         pad_rows, pad_cols = rows - pixels.shape[0], cols - pixels.shape[1]
@@ -161,43 +165,53 @@ class _TiledImage:
             self._class_sums = np.zeros((logits.shape[0], 2), np.float64)
         if top > self._band_top:
             self._finish_rows(top)
+        band_logits, band_weights, _ = self._band()
         cols = slice(left, left + self.roi[1])
-        self._logits[:, :, cols] += logits * weight
-        self._weights[:, cols] += weight
+        band_logits[:, :, cols] += logits * weight
+        band_weights[:, cols] += weight
         self._unblended -= 1
         if self.done:
             self._finish_rows(self.padded[0])
 
+    def _band(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The band's logits and weights and the class sums (allocated by the first `blend`)."""
+        if self._logits is None or self._weights is None or self._class_sums is None:
+            raise RuntimeError("no window has been blended yet")
+        return self._logits, self._weights, self._class_sums
+
     def _finish_rows(self, until: int) -> None:
         """Rows _band_top..until are final: softmax, argmax, sums; then drop them from the band."""
+        logits, weights, _ = self._band()
         count = until - self._band_top
-        probs = torch.softmax(self._logits[:, :count] / self._weights[:count], dim=0)
+        probs = torch.softmax(logits[:, :count] / weights[:count], dim=0)
         keep = min(until, self.height) - self._band_top
         if keep > 0:
             self._record(self._band_top, probs[:, :keep, : self.width])
         if count < self.roi[0]:  # rows still open move up to the top of the band
-            self._logits[:, : self.roi[0] - count] = self._logits[:, count:].clone()
-            self._weights[: self.roi[0] - count] = self._weights[count:].clone()
-        self._logits[:, self.roi[0] - count :] = 0
-        self._weights[self.roi[0] - count :] = 0
+            logits[:, : self.roi[0] - count] = logits[:, count:].clone()
+            weights[: self.roi[0] - count] = weights[count:].clone()
+        logits[:, self.roi[0] - count :] = 0
+        weights[self.roi[0] - count :] = 0
         self._band_top = until
 
     def _record(self, top: int, probs: torch.Tensor) -> None:
         """Store mask and confidence of rows top.. from their C x rows x W probabilities."""
-        confidence, mask = probs.max(dim=0)
-        relevant = (1.0 - probs[0]) >= RELEVANT_FOREGROUND_PROBABILITY
-        confidence, mask, relevant = confidence.cpu().numpy(), mask.cpu().numpy(), relevant.cpu().numpy()
+        best, winner = probs.max(dim=0)
+        plausible = (1.0 - probs[0]) >= RELEVANT_FOREGROUND_PROBABILITY
+        confidence, mask, relevant = best.cpu().numpy(), winner.cpu().numpy(), plausible.cpu().numpy()
         rows = slice(top, top + mask.shape[0])
         self.mask[rows] = mask
         self.confidence[rows] = confidence
-        classes = self._class_sums.shape[0]
-        self._class_sums[:, 0] += np.bincount(mask.ravel(), weights=confidence.ravel(), minlength=classes)
-        self._class_sums[:, 1] += np.bincount(mask.ravel(), minlength=classes)
+        class_sums = self._band()[2]
+        classes = class_sums.shape[0]
+        class_sums[:, 0] += np.bincount(mask.ravel(), weights=confidence.ravel(), minlength=classes)
+        class_sums[:, 1] += np.bincount(mask.ravel(), minlength=classes)
         self._relevant[0] += float(confidence[relevant].sum(dtype=np.float64))
         self._relevant[1] += int(relevant.sum())
 
     def result(self) -> Segmentation:
-        sums, counts = self._class_sums[:, 0], self._class_sums[:, 1]
+        class_sums = self._band()[2]
+        sums, counts = class_sums[:, 0], class_sums[:, 1]
         class_confidence = {int(k): float(sums[k] / counts[k]) for k in range(1, len(counts)) if counts[k] > 0}
         relevant_sum, relevant_count = self._relevant
         score = relevant_sum / relevant_count if relevant_count else float(sums.sum() / max(counts.sum(), 1))
@@ -250,9 +264,7 @@ def segmentation_from_probabilities(probs: np.ndarray) -> Segmentation:
     small arrays; whole images go through `segment_images`, which never holds CxHxW floats."""
     mask = probs.argmax(axis=0).astype(np.uint8)
     confidence = probs.max(axis=0).astype(np.float32)
-    class_confidence = {
-        int(k): float(confidence[mask == k].mean()) for k in np.unique(mask) if k != 0
-    }
+    class_confidence = {int(k): float(confidence[mask == k].mean()) for k in np.unique(mask) if k != 0}
     return Segmentation(mask, confidence.astype(np.float16), class_confidence, overall_score(probs, confidence))
 
 

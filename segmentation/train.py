@@ -6,6 +6,7 @@ Each mask is a PNG with the same file stem as its image; pixel value k is the k-
 0 is background. Images without a mask (and masks without an image) are listed and skipped.
 The trained model becomes a new version under MODEL_DIR (and its current one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,22 +27,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train the segmentation U-Net on image/mask pairs and save a new model version.",
     )
     parser.add_argument("--images", type=Path, required=True, help="folder of images (png, jpg, tif, ...)")
-    parser.add_argument("--masks", type=Path, required=True,
-                        help="folder of class-index PNG masks, same file stems as the images")
+    parser.add_argument(
+        "--masks", type=Path, required=True, help="folder of class-index PNG masks, same file stems as the images"
+    )
     parser.add_argument("--out", type=Path, required=True, help="MODEL_DIR: the new version is saved under it")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
-    parser.add_argument("--labels", default="",
-                        help="comma-separated label names, pixel value k = k-th label "
-                             "(default: class1..classK from the largest mask value)")
+    parser.add_argument(
+        "--labels",
+        default="",
+        help="comma-separated label names, pixel value k = k-th label "
+        "(default: class1..classK from the largest mask value)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of images (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop-size", type=int, default=256, help="training crop side in pixels (multiple of 16)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="stop after this many epochs (of 20 steps) even if time is left (default: use the time)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="stop after this many epochs (of 20 steps) even if time is left (default: use the time)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+    )
     return parser.parse_args(argv)
 
 
@@ -77,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no usable image/mask pairs in {args.images} and {args.masks}", file=sys.stderr)
         return 2
 
-    config = TrainConfig(minutes=args.minutes, device=args.device, val_fraction=args.val_fraction,
-                         seed=args.seed, crop_size=args.crop_size, batch_size=args.batch_size,
-                         max_epochs=args.epochs)
+    config = TrainConfig(
+        minutes=args.minutes,
+        device=args.device,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        max_epochs=args.epochs,
+    )
     budget = round(config.minutes * 60)
     with tqdm(total=budget, desc="training", unit="s") as bar:
+
         def progress(update: Progress) -> None:
             bar.update(max(0, min(budget, round(update.elapsed_s)) - bar.n))
             postfix = {"epoch": update.epoch, "loss": f"{update.loss:.3f}"}

@@ -4,15 +4,16 @@
 validation images after every epoch and keeping the weights that scored best (mean Dice over
 the labels). `train` does the same and saves the result as a new version under MODEL_DIR.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +21,8 @@ import torch
 from backends.devices import resolve_device
 from segmentation.augment import build_augmentation
 from segmentation.data import AnySample, CropDataset, split_samples
-from segmentation.tiled_inference import iter_segmentations
 from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network
+from segmentation.tiled_inference import iter_segmentations
 from segmentation.versions import VersionInfo, save_version
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def class_scores(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray]
     prediction everywhere gets None (nothing to score).
     """
     tally = ClassTally(n_classes)
-    for truth, predicted in zip(truths, predictions):
+    for truth, predicted in zip(truths, predictions, strict=True):
         tally.add(truth, predicted)
     return tally.scores()
 
@@ -104,7 +105,8 @@ class ClassTally:
 
     def scores(self) -> dict:
         """{"dice": [d_1..d_K], "iou": [i_1..i_K]}, None for a class absent everywhere."""
-        dice, iou = [], []
+        dice: list[float | None] = []
+        iou: list[float | None] = []
         for k in range(1, self.n_classes):
             union = self.truth_area[k] + self.predicted_area[k] - self.intersection[k]
             if union == 0:
@@ -122,14 +124,19 @@ def _mean(values: Sequence[float | None]) -> float:
 
 
 def evaluate(
-    network: torch.nn.Module, samples: Sequence[AnySample], n_classes: int, device: torch.device | str,
+    network: torch.nn.Module,
+    samples: Sequence[AnySample],
+    n_classes: int,
+    device: torch.device | str,
     size_multiple: int = 16,
 ) -> dict:
     """Whole-image validation: {"dice": [...], "iou": [...], "mean_dice": x, "mean_iou": y}.
     Images are read and segmented one after the other (stored samples: from disk)."""
     tally = ClassTally(n_classes)
     images = (sample.image for sample in samples)
-    for sample, segmentation in zip(samples, iter_segmentations(network, images, device, size_multiple=size_multiple)):
+    for sample, segmentation in zip(
+        samples, iter_segmentations(network, images, device, size_multiple=size_multiple), strict=True
+    ):
         tally.add(sample.mask, segmentation.mask)
     scores = tally.scores()
     return scores | {"mean_dice": _mean(scores["dice"]), "mean_iou": _mean(scores["iou"])}
@@ -232,10 +239,20 @@ def _prepare(
     if not config.minutes > 0:
         raise ValueError(f"the training budget must be positive, got {config.minutes} minutes (TRAIN_MINUTES)")
     return _Run(
-        config=config, device=device, network_config=network_config, network=network,
-        loss_fn=loss_fn, optimizer=optimizer, loader=loader,
-        train_samples=train_samples, val_samples=val_samples or train_samples, validated_on=validated_on,
-        crop_size=crop_size, budget_s=config.minutes * 60.0, progress=progress, should_stop=should_stop,
+        config=config,
+        device=device,
+        network_config=network_config,
+        network=network,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        loader=loader,
+        train_samples=train_samples,
+        val_samples=val_samples or train_samples,
+        validated_on=validated_on,
+        crop_size=crop_size,
+        budget_s=config.minutes * 60.0,
+        progress=progress,
+        should_stop=should_stop,
         started=time.monotonic(),
     )
 
@@ -253,9 +270,7 @@ def _train_epoch(run: _Run) -> None:
         run.optimizer.step()
         run.step += 1
         run.last_loss = float(loss.detach())
-        if run.progress:
-            run.progress(Progress(run.epoch, run.step, run.last_loss, run.elapsed_s(), run.budget_s,
-                                  best_val_score=run.best_val_score()))
+        _report(run)
         if run.out_of_time():
             break
 
@@ -268,9 +283,23 @@ def _score_epoch(run: _Run) -> None:
         run.best_state = {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()}
         run.best_scores, run.best_epoch = scores, run.epoch
     log.info("epoch %d step %d loss %.4f val mean dice %.4f", run.epoch, run.step, run.last_loss, scores["mean_dice"])
+    _report(run, val_score=scores["mean_dice"], validated=True)
+
+
+def _report(run: _Run, val_score: float | None = None, validated: bool = False) -> None:
+    """Hand the run's Progress to its callback: after every step, and after each validation."""
     if run.progress:
-        run.progress(Progress(run.epoch, run.step, run.last_loss, run.elapsed_s(), run.budget_s,
-                              val_score=scores["mean_dice"], best_val_score=run.best_val_score(), validated=True))
+        progress = Progress(
+            run.epoch,
+            run.step,
+            run.last_loss,
+            run.elapsed_s(),
+            run.budget_s,
+            val_score,
+            run.best_val_score(),
+            validated,
+        )
+        run.progress(progress)
 
 
 def _result(run: _Run, labels: Sequence[str]) -> TrainedNetwork:
@@ -280,8 +309,8 @@ def _result(run: _Run, labels: Sequence[str]) -> TrainedNetwork:
         raise ValueError(f"no epoch was trained (max_epochs={run.config.max_epochs})")
     held_out = run.validated_on == "held_out"
     metrics = {
-        "val_dice": dict(zip(labels, best["dice"])),
-        "val_iou": dict(zip(labels, best["iou"])),
+        "val_dice": dict(zip(labels, best["dice"], strict=True)),
+        "val_iou": dict(zip(labels, best["iou"], strict=True)),
         "val_mean_dice": best["mean_dice"],
         "val_mean_iou": best["mean_iou"],
         "validated_on": run.validated_on,

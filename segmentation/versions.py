@@ -15,6 +15,7 @@ A version is written into `.incomplete-<name>/`, flushed to disk, then renamed i
 os.replace). A crash or kill at any moment therefore leaves either the old or the new version
 current, never a half-written one.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,10 @@ import os
 import pickle
 import secrets
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -69,7 +70,7 @@ class VersionInfo:
         }
 
     @classmethod
-    def read(cls, path: Path) -> "VersionInfo":
+    def read(cls, path: Path) -> VersionInfo:
         """Read `path/metrics.json`; raises FileNotFoundError / ValueError for a broken version."""
         data = json.loads((Path(path) / METRICS_FILE).read_text())
         return cls(
@@ -94,7 +95,7 @@ class LoadedModel:
 
 def new_version_name(now: datetime | None = None) -> str:
     """Sortable, unique: seg-YYYYmmdd-HHMMSS-xxxx (UTC)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return f"seg-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
@@ -135,7 +136,7 @@ def save_version(
         path=final,
         labels=tuple(labels),
         network=network,
-        created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        created=datetime.now(UTC).isoformat(timespec="microseconds"),
         metrics=dict(metrics or {}),
         training=dict(training or {}),
     )
@@ -217,7 +218,9 @@ def remove_incomplete(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
-    leftovers = [p for p in model_dir.iterdir() if p.name.startswith(INCOMPLETE_PREFIX) or p.name.startswith(f".{CURRENT_FILE}.")]
+    leftovers = [
+        p for p in model_dir.iterdir() if p.name.startswith(INCOMPLETE_PREFIX) or p.name.startswith(f".{CURRENT_FILE}.")
+    ]
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return leftovers

@@ -1,4 +1,5 @@
 """Fixtures shared by every test suite (helpers shared by the suites live in tests/support)."""
+
 from __future__ import annotations
 
 from pathlib import Path

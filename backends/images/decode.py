@@ -7,6 +7,7 @@ costs a pass over the whole image. Memory stays near the output's own size: 16-b
 samples are scaled to 8 bits a block of rows at a time. EXIF orientation is applied, so row 0 is
 the top of the image as the annotator sees it in Label Studio.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,7 +61,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise _too_many_pixels(name, width, height, max_pixels)

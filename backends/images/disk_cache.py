@@ -8,8 +8,10 @@ the files' modification times (touched on every hit; atime is unreliable with no
 
 One process owns a directory: two processes sharing it each keep their own byte count.
 """
+
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -151,7 +153,5 @@ class ImageCache:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass

@@ -11,6 +11,7 @@ reports that it ran out of time.
 many worker threads; a fetch that finds its host full waits briefly, then fails with a 503
 (`ImageHostBusy`), so requests for other hosts keep being served.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -100,10 +101,8 @@ def _duplicate(sock: socket.socket | None) -> socket.socket | None:
 
 
 def _shut(handle: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the connection is already gone
         handle.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # the connection is already gone
 
 
 class _Watchdog:

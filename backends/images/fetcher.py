@@ -21,6 +21,7 @@ Fetched bytes are cached on disk under a stable identity (task id + URI without 
 parameters), so a freshly signed URL for the same object still hits the cache; for Label Studio
 paths and storage URIs the key also names the Label Studio origin the bytes came through.
 """
+
 from __future__ import annotations
 
 import base64
@@ -78,19 +79,23 @@ class ImageFetcher:
     attribute so tests can shorten it; downloads use the client's.
     """
 
-    def __init__(self, settings: Settings, label_studio: LabelStudioClient | None = None,
-                 cache: ImageCache | None = None):
+    def __init__(
+        self, settings: Settings, label_studio: LabelStudioClient | None = None, cache: ImageCache | None = None
+    ):
         self.settings = settings
         self.label_studio = label_studio if label_studio is not None else LabelStudioClient(settings)
         self.backoff_s = FIRST_BACKOFF_S
-        self.cache = cache if cache is not None else ImageCache(
-            settings.image_cache_dir, int(settings.image_cache_mb * 1024 * 1024)
+        self.cache = (
+            cache
+            if cache is not None
+            else ImageCache(settings.image_cache_dir, int(settings.image_cache_mb * 1024 * 1024))
         )
         self._lock = threading.Lock()
         self._gcs_client = None
         allow_pixels(settings.image_max_pixels)
-        self.pixel_budget = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s,
-                                        settings.decode_concurrency)
+        self.pixel_budget = PixelBudget(
+            settings.decode_budget_pixels, settings.decode_wait_s, settings.decode_concurrency
+        )
 
     # ----------------------------------------------------------------- identity
     @staticmethod
@@ -131,8 +136,12 @@ class ImageFetcher:
         with self.pixel_budget.reserve(pixels if pixels <= self.settings.image_max_pixels else 0, name):
             try:
                 with self.pixel_budget.decoding(name):
-                    decoded = decode_image(data, self.settings.image_max_pixels, name=name,
-                                           max_jpeg_scans=self.settings.image_max_jpeg_scans)
+                    decoded = decode_image(
+                        data,
+                        self.settings.image_max_pixels,
+                        name=name,
+                        max_jpeg_scans=self.settings.image_max_jpeg_scans,
+                    )
             except ImageUnavailable:
                 self.cache.discard(self.cache_key(uri, task_id))  # never keep serving bytes that do not decode
                 raise
@@ -193,7 +202,9 @@ class ImageFetcher:
 
     def _fetch_via_label_studio(self, uri: str, task_id: int | None, deadline: Deadline) -> bytes:
         if task_id is None:
-            raise BadRequest(f"{display_uri(uri)} is read through Label Studio's resolve endpoint, which needs the task id")
+            raise BadRequest(
+                f"{display_uri(uri)} is read through Label Studio's resolve endpoint, which needs the task id"
+            )
         base = self.label_studio.url
         if not base:
             raise ImageUnavailable(
@@ -201,8 +212,9 @@ class ImageFetcher:
                 "set LABEL_STUDIO_URL (or connect the backend so /setup sends the hostname)"
             )
         fileuri = base64.urlsafe_b64encode(uri.encode("utf-8")).decode("ascii")
-        return self.label_studio.download(f"{base}/tasks/{int(task_id)}/resolve/?fileuri={quote(fileuri)}",
-                                          display_uri(uri), deadline)
+        return self.label_studio.download(
+            f"{base}/tasks/{int(task_id)}/resolve/?fileuri={quote(fileuri)}", display_uri(uri), deadline
+        )
 
     def _attempts(self) -> int:
         """How many times a transient failure is tried: 1 + IMAGE_FETCH_RETRIES."""
@@ -232,8 +244,9 @@ class ImageFetcher:
                     raise _DirectReadUnavailable(f"direct GCS read has no storage client ({exc})") from None
             client = self._gcs_client
         name = display_uri(uri)
-        return retrying(lambda: self._read_gcs_once(client, bucket, key, name), name, self._attempts(), deadline,
-                        self.backoff_s)
+        return retrying(
+            lambda: self._read_gcs_once(client, bucket, key, name), name, self._attempts(), deadline, self.backoff_s
+        )
 
     def _read_gcs_once(self, client, bucket: str, key: str, name: str) -> bytes:
         from google.api_core import exceptions as gexc

@@ -8,13 +8,15 @@ does not get both waits its turn (first come, first served) at most `wait_s`, th
 answered 503 (Overloaded). Peak memory for images is then about 3 bytes x `capacity` plus 4 bytes x
 the pixels of the `decoders` largest images being decoded.
 """
+
 from __future__ import annotations
 
 import collections
 import contextlib
 import threading
 import time
-from typing import Any, ContextManager, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from backends.errors import Overloaded
 
@@ -43,7 +45,7 @@ class PixelBudget:
         with self._changed:
             return self._in_use
 
-    def reserve(self, pixels: int, name: str = "the image") -> "Reservation":
+    def reserve(self, pixels: int, name: str = "the image") -> Reservation:
         """Reserve `pixels` (waiting up to wait_s behind earlier reservations); use the result as a
         context manager, or call `release()`. Raises Overloaded when the wait runs out."""
         amount = min(max(int(pixels), 0), self.capacity)
@@ -102,14 +104,14 @@ class Reservation:
             self._released = True
         self._budget._release(self.amount)
 
-    def __enter__(self) -> "Reservation":
+    def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.release()
 
 
-def holding_image(images: Any, uri: str, task_id: int | None) -> ContextManager[Any]:
+def holding_image(images: Any, uri: str, task_id: int | None) -> contextlib.AbstractContextManager[Any]:
     """`images.loaded(uri, task_id)` (ImageFetcher: the pixels stay in the decode budget until the
     block ends), or `images.load(...)` for image sources that only have that (test doubles)."""
     loaded = getattr(images, "loaded", None)

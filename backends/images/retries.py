@@ -4,6 +4,7 @@ Used by every download (backends/label_studio/client.py: Label Studio and allow-
 direct GCS reads (backends/images/fetcher.py): connection errors, timeouts, 429 and 5xx are worth
 another attempt; anything else fails at once.
 """
+
 from __future__ import annotations
 
 import logging

@@ -15,6 +15,7 @@ Pure functions over URL strings: no requests are made here apart from the DNS lo
 - `stable_uri`: the URI without signature query parameters (a re-signed URL names the same image).
 - `display_uri`: the URI as shown in messages and logs (no query string, no credentials).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -32,10 +33,32 @@ from backends.logs import redact
 STORAGE_SCHEMES = frozenset({"gs", "gcs", "s3", "azure-blob"})
 # Query parameters that sign or authorise a URL: they change on every signing, so they are no part
 # of an image's identity (GCS, S3, Azure SAS, CloudFront, generic tokens).
-SIGNATURE_PARAMS = frozenset({
-    "signature", "expires", "googleaccessid", "sig", "se", "sp", "sv", "st", "sr", "spr", "ss", "srt",
-    "skoid", "sktid", "skt", "ske", "sks", "skv", "token", "access_token", "key-pair-id", "policy",
-})
+SIGNATURE_PARAMS = frozenset(
+    {
+        "signature",
+        "expires",
+        "googleaccessid",
+        "sig",
+        "se",
+        "sp",
+        "sv",
+        "st",
+        "sr",
+        "spr",
+        "ss",
+        "srt",
+        "skoid",
+        "sktid",
+        "skt",
+        "ske",
+        "sks",
+        "skv",
+        "token",
+        "access_token",
+        "key-pair-id",
+        "policy",
+    }
+)
 SIGNATURE_PREFIXES = ("x-goog-", "x-amz-")
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
 METADATA_ADDRESSES = (ipaddress.ip_address("fd00:ec2::254"),)
@@ -135,7 +158,9 @@ def parse_fetch_url(url: str, allowed_userinfo: str | None = None) -> FetchTarge
     return target
 
 
-def _urllib3_origin(url: str) -> tuple[str, str, int] | None:
+def _urllib3_origin(url: str | None) -> tuple[str, str, int] | None:
+    if url is None:  # requests prepared no URL
+        return None
     try:
         parsed = parse_url(url)
     except Exception:  # urllib3's LocationParseError and friends
@@ -245,8 +270,7 @@ def stable_uri(uri: str) -> str:
     if not parts.query:
         return uri
     kept = [
-        piece for piece in parts.query.split("&")
-        if piece and not is_signature_param(unquote(piece.split("=", 1)[0]))
+        piece for piece in parts.query.split("&") if piece and not is_signature_param(unquote(piece.split("=", 1)[0]))
     ]
     return urlunsplit(parts._replace(query="&".join(kept)))
 
@@ -268,6 +292,8 @@ def check_source(
         return
     if not any(host == allowed_host and allowed_port in (None, port) for allowed_host, allowed_port in allowed_hosts):
         ls = label_studio.label if label_studio is not None else "not configured"
-        raise ForbiddenImageSource(f"image host {host}:{port} is neither Label Studio ({ls}) nor in IMAGE_ALLOWED_HOSTS")
+        raise ForbiddenImageSource(
+            f"image host {host}:{port} is neither Label Studio ({ls}) nor in IMAGE_ALLOWED_HOSTS"
+        )
     if resolves_to_metadata(host, port):
         raise ForbiddenImageSource(f"image host {host} resolves to a link-local or cloud metadata address")

@@ -1,7 +1,9 @@
 """Which of a task's annotations is its ground truth (training, mask export): the newest usable one."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def newest_annotation(annotations: Any) -> dict | None:
@@ -10,7 +12,8 @@ def newest_annotation(annotations: Any) -> dict | None:
     if not isinstance(annotations, list):
         return None
     usable: list[Mapping[str, Any]] = [
-        a for a in annotations
+        a
+        for a in annotations
         if isinstance(a, Mapping) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
     ]
     if not usable:

@@ -11,6 +11,7 @@ The refresh request goes to exactly the Label Studio URL's origin: the endpoint 
 fetched URL (`image_sources.parse_fetch_url`: no backslash or other parser tricks) and redirects
 are not followed (a 307 would re-post the personal access token to wherever it points).
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import requests
 
@@ -57,7 +58,7 @@ def strip_key_scheme(api_key: str) -> str:
     key = api_key.strip()
     for prefix in ("Token ", "Bearer "):
         if key.startswith(prefix):
-            return key[len(prefix):].strip()
+            return key[len(prefix) :].strip()
     return key
 
 
@@ -123,8 +124,9 @@ class LabelStudioAuth:
                 f"the Label Studio URL is not usable for the token refresh ({error.message}): check LABEL_STUDIO_URL"
             ) from None
         try:
-            response = self._session.post(endpoint.url, json={"refresh": self._api_key}, timeout=self._timeout_s,
-                                          allow_redirects=False)
+            response = self._session.post(
+                endpoint.url, json={"refresh": self._api_key}, timeout=self._timeout_s, allow_redirects=False
+            )
         except requests.RequestException as exc:
             raise LabelStudioUnavailable(
                 f"Label Studio at {self._shown_url} did not answer the token refresh: {type(exc).__name__}"

@@ -18,6 +18,7 @@ may go anywhere are Label Studio rules. Redirects are followed by hand (at most 
 again. Each download runs under the caller's total deadline (IMAGE_FETCH_DEADLINE, enforced on the
 socket) and at most IMAGE_FETCH_PER_HOST downloads per host run at once (backends/images/fetch_guard.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,10 @@ DEGRADED_TIMEOUT_S = 2.0  # the /health probe's timeout, and a download's while 
 API_TIMEOUT_S = 120.0  # an export of a large project takes a while
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _LOCAL_FILES_PATH = "/data/local-files"
-_UNKNOWN = ("cannot reach the Label Studio API: its URL or API key is unknown "
-            "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend in Label Studio)")
+_UNKNOWN = (
+    "cannot reach the Label Studio API: its URL or API key is unknown "
+    "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend in Label Studio)"
+)
 
 
 class _Unauthorized(Exception):
@@ -107,8 +110,10 @@ class LabelStudioClient:
             try:
                 target = parse_fetch_url(url, allowed_userinfo=userinfo_of(url)) if url else None
             except ForbiddenImageSource as error:
-                log.error("the Label Studio URL is not usable (%s): set LABEL_STUDIO_URL to http(s)://host:port",
-                          error.message)
+                log.error(
+                    "the Label Studio URL is not usable (%s): set LABEL_STUDIO_URL to http(s)://host:port",
+                    error.message,
+                )
                 target = None
             self._parsed = (url, target)
         return target
@@ -138,9 +143,14 @@ class LabelStudioClient:
 
     def setup_report(self) -> dict:
         """For /health: where the Label Studio URL comes from and how many /setup values were refused."""
-        source = "LABEL_STUDIO_URL" if self.settings.label_studio_url else "first /setup" if self._hostname else "unknown"
-        return {"url_from": source, "refused_hostnames": self._refused_hostnames,
-                "refused_tokens": self._refused_tokens}
+        source = (
+            "LABEL_STUDIO_URL" if self.settings.label_studio_url else "first /setup" if self._hostname else "unknown"
+        )
+        return {
+            "url_from": source,
+            "refused_hostnames": self._refused_hostnames,
+            "refused_tokens": self._refused_tokens,
+        }
 
     def _setup_origin(self, hostname: str | None) -> FetchTarget | None:
         if not hostname or not hostname.strip():
@@ -148,7 +158,9 @@ class LabelStudioClient:
         try:
             return parse_fetch_url(hostname.strip())
         except ForbiddenImageSource as error:
-            log.warning("/setup sent a Label Studio hostname that is not a plain http(s) URL (%s); ignored", error.message)
+            log.warning(
+                "/setup sent a Label Studio hostname that is not a plain http(s) URL (%s); ignored", error.message
+            )
             with self._lock:
                 self._refused_hostnames += 1
             return None
@@ -160,19 +172,29 @@ class LabelStudioClient:
         if self.settings.label_studio_url:
             if not self._said_hostname_ignored:
                 self._said_hostname_ignored = True
-                log.info("/setup hostname %s is not used: LABEL_STUDIO_URL (%s) is set",
-                         shown, display_origin(self.settings.label_studio_url))
+                log.info(
+                    "/setup hostname %s is not used: LABEL_STUDIO_URL (%s) is set",
+                    shown,
+                    display_origin(self.settings.label_studio_url),
+                )
             return
         if self._hostname is None:
             self._hostname = hostname.strip().rstrip("/")
-            log.warning("trusting Label Studio at %s, the hostname of the first /setup, for the life of this "
-                        "process; production sets LABEL_STUDIO_URL (and basic auth)", shown)
+            log.warning(
+                "trusting Label Studio at %s, the hostname of the first /setup, for the life of this "
+                "process; production sets LABEL_STUDIO_URL (and basic auth)",
+                shown,
+            )
             return
         trusted = self.target()
         if trusted is None or offered.origin != trusted.origin:
             self._refused_hostnames += 1
-            log.warning("/setup asked to move Label Studio from %s to %s: refused (the first /setup's hostname is "
-                        "kept; set LABEL_STUDIO_URL to choose)", display_origin(self._hostname), shown)
+            log.warning(
+                "/setup asked to move Label Studio from %s to %s: refused (the first /setup's hostname is "
+                "kept; set LABEL_STUDIO_URL to choose)",
+                display_origin(self._hostname),
+                shown,
+            )
 
     def _accept_token(self, access_token: str | None, offered: FetchTarget | None) -> None:
         token = (access_token or "").strip()
@@ -186,8 +208,10 @@ class LabelStudioClient:
             self._access_token = token
             return
         self._refused_tokens += 1
-        log.warning("/setup sent a different access token with a hostname that is not Label Studio's: refused "
-                    "(the first one is kept; set LABEL_STUDIO_API_KEY to choose)")
+        log.warning(
+            "/setup sent a different access token with a hostname that is not Label Studio's: refused "
+            "(the first one is kept; set LABEL_STUDIO_API_KEY to choose)"
+        )
 
     # ----------------------------------------------------------------- authorisation
     def auth(self) -> LabelStudioAuth | None:
@@ -235,8 +259,9 @@ class LabelStudioClient:
         if not headers:
             raise ForbiddenImageSource(f"GET {path} would leave the Label Studio origin: refused")
         try:
-            return self._session().get(target.url, params=params, headers=headers, timeout=timeout_s,
-                                       allow_redirects=False)
+            return self._session().get(
+                target.url, params=params, headers=headers, timeout=timeout_s, allow_redirects=False
+            )
         except requests.RequestException as error:
             raise LabelStudioUnavailable(f"Label Studio did not answer GET {path}: {type(error).__name__}") from None
 
@@ -272,8 +297,13 @@ class LabelStudioClient:
         reauthorised = False
         while True:
             try:
-                return retrying(lambda: self._download_once(target, name, deadline, fail_fast), name, attempts,
-                                deadline, self.backoff_s)
+                return retrying(
+                    lambda: self._download_once(target, name, deadline, fail_fast),
+                    name,
+                    attempts,
+                    deadline,
+                    self.backoff_s,
+                )
             except _Unauthorized as exc:
                 local_file = exc.status == 403 and exc.path.startswith(_LOCAL_FILES_PATH)
                 auth = self.auth()
@@ -291,13 +321,18 @@ class LabelStudioClient:
                     ) from None
                 raise ImageUnavailable(
                     f"Label Studio at {origin} refused access to {name} (HTTP {exc.status}): "
-                    + ("the API token is wrong or lacks access: check LABEL_STUDIO_API_KEY" if auth
-                       else "no API token is configured: set LABEL_STUDIO_API_KEY")
+                    + (
+                        "the API token is wrong or lacks access: check LABEL_STUDIO_API_KEY"
+                        if auth
+                        else "no API token is configured: set LABEL_STUDIO_API_KEY"
+                    )
                 ) from None
 
     def _out_of_time(self, name: str, target: FetchTarget, deadline: Deadline) -> BackendError:
-        message = (f"fetching {name} from {target.label} took longer than the {deadline.seconds:g} s allowed "
-                   "(IMAGE_FETCH_DEADLINE): the host is too slow")
+        message = (
+            f"fetching {name} from {target.label} took longer than the {deadline.seconds:g} s allowed "
+            "(IMAGE_FETCH_DEADLINE): the host is too slow"
+        )
         return LabelStudioUnavailable(message) if self.owns(target) else ImageUnavailable(message)
 
     def _download_once(self, target: FetchTarget, name: str, deadline: Deadline, fail_fast: bool = False) -> bytes:
@@ -330,8 +365,9 @@ class LabelStudioClient:
                     self._refuse_status(status, name, target, is_ls)
         raise ImageUnavailable(f"too many redirects (more than {MAX_REDIRECTS}) fetching {name}")
 
-    def _send(self, target: FetchTarget, headers: dict, timeout: float, name: str, is_ls: bool,
-              deadline: Deadline) -> requests.Response:
+    def _send(
+        self, target: FetchTarget, headers: dict, timeout: float, name: str, is_ls: bool, deadline: Deadline
+    ) -> requests.Response:
         """One GET of exactly `target.url`, socket timeouts capped by what is left of the deadline."""
         timeout = max(min(timeout, deadline.remaining()), 0.01)
         try:
@@ -343,9 +379,9 @@ class LabelStudioClient:
                 raise self._out_of_time(name, target, deadline) from None
             kind = "timed out" if isinstance(exc, requests.Timeout) else "could not be reached"
             if is_ls:
-                raise Retryable(LabelStudioUnavailable(
-                    f"Label Studio at {target.label} {kind} while fetching {name}"
-                )) from None
+                raise Retryable(
+                    LabelStudioUnavailable(f"Label Studio at {target.label} {kind} while fetching {name}")
+                ) from None
             raise Retryable(ImageUnavailable(f"image host {target.label} {kind} while fetching {name}")) from None
         except requests.RequestException as exc:
             raise ImageUnavailable(f"cannot fetch {name} from {target.label}: {type(exc).__name__}") from None
@@ -361,8 +397,10 @@ class LabelStudioClient:
         if status == 404:
             hint = ""
             if is_ls and urlsplit(target.url).path.startswith(_LOCAL_FILES_PATH):
-                hint = ("; Label Studio serves a local file only from inside a Local Files storage of the project "
-                        "under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+                hint = (
+                    "; Label Studio serves a local file only from inside a Local Files storage of the project "
+                    "under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+                )
             raise ImageUnavailable(f"image {name} was not found (HTTP 404 from {host}){hint}")
         if status in (401, 403):
             raise ImageUnavailable(f"{host} refused access to {name} (HTTP {status}; an expired signed URL?)")
@@ -370,9 +408,7 @@ class LabelStudioClient:
 
     def _read_body(self, response: requests.Response, name: str, target: FetchTarget, deadline: Deadline) -> bytes:
         limit = self.settings.image_max_bytes
-        too_large = ImageUnavailable(
-            f"image {name} is larger than the limit of {limit / 2**20:.1f} MiB (IMAGE_MAX_MB)"
-        )
+        too_large = ImageUnavailable(f"image {name} is larger than the limit of {limit / 2**20:.1f} MiB (IMAGE_MAX_MB)")
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -389,9 +425,9 @@ class LabelStudioClient:
         except (requests.RequestException, OSError) as exc:
             if deadline.expired:
                 raise self._out_of_time(name, target, deadline) from None
-            raise Retryable(ImageUnavailable(
-                f"the connection to {target.label} broke while reading {name}: {type(exc).__name__}"
-            )) from None
+            raise Retryable(
+                ImageUnavailable(f"the connection to {target.label} broke while reading {name}: {type(exc).__name__}")
+            ) from None
         if deadline.expired:  # the watchdog's shutdown can look like a normal end of a body without a length
             raise self._out_of_time(name, target, deadline)
         return b"".join(chunks)

@@ -15,13 +15,14 @@ A config comes from any client (/setup, /predict, webhooks), so parsing is bound
 (LABEL_CONFIG_MAX_DEPTH) checked while parsing, and one linear pass over the tags (a `<Label>`
 belongs to its nearest enclosing control tag; no per-tag walk of its subtree).
 """
+
 from __future__ import annotations
 
 import functools
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from backends.errors import BadRequest
 
@@ -30,8 +31,20 @@ POLYGON_TYPES = ("PolygonLabels", "Polygon")
 PROMPT_TYPES = ("RectangleLabels", "KeyPointLabels", "Rectangle", "KeyPoint")
 _CANONICAL = {
     name.lower(): name
-    for name in (*BRUSH_TYPES, *POLYGON_TYPES, *PROMPT_TYPES, "Labels", "Image", "Label", "Choices",
-                 "TextArea", "Taxonomy", "Ellipse", "EllipseLabels", "Magicwand")
+    for name in (
+        *BRUSH_TYPES,
+        *POLYGON_TYPES,
+        *PROMPT_TYPES,
+        "Labels",
+        "Image",
+        "Label",
+        "Choices",
+        "TextArea",
+        "Taxonomy",
+        "Ellipse",
+        "EllipseLabels",
+        "Magicwand",
+    )
 }
 _TRUE = {"true", "1", "yes"}
 DEFAULT_MAX_KB = 256.0
@@ -89,21 +102,25 @@ class LabelConfig:
         """The first output image (see `output_images`): the one a whole-task prediction segments."""
         return next(iter(self._output_images), None)
 
+    def required_primary_image(self) -> str:
+        """`primary_image()`, or BadRequest when no Image tag has a brush or polygon output."""
+        image = self.primary_image()
+        if image is None:
+            raise BadRequest("the label config has no Image tag with a brush or polygon output")
+        return image
+
     def output_tags(self, image: str, label: str | None = None) -> tuple[ControlTag, ...]:
         """Brush and polygon tags drawing on Image `image` (only those with `label`, when given),
         in document order: the tags a mask of that image is read from and written to."""
-        return tuple(
-            tag for tag in self._output_tags
-            if tag.targets(image) and (label is None or label in tag.labels)
-        )
+        return tuple(tag for tag in self._output_tags if tag.targets(image) and (label is None or label in tag.labels))
 
     @functools.cached_property
     def _output_tags(self) -> tuple[ControlTag, ...]:
         """Brush and polygon tags on any Image, in document order."""
         return tuple(
-            tag for tag in self.controls
-            if tag.type in BRUSH_TYPES + POLYGON_TYPES
-            and any(name in self.images for name in tag.to_names)
+            tag
+            for tag in self.controls
+            if tag.type in BRUSH_TYPES + POLYGON_TYPES and any(name in self.images for name in tag.to_names)
         )
 
     def output_labels(self) -> tuple[str, ...]:
@@ -121,9 +138,7 @@ class LabelConfig:
         return tuple(seen)
 
 
-def parse_label_config(
-    xml: str, max_kb: float = DEFAULT_MAX_KB, max_depth: int = DEFAULT_MAX_DEPTH
-) -> LabelConfig:
+def parse_label_config(xml: str, max_kb: float = DEFAULT_MAX_KB, max_depth: int = DEFAULT_MAX_DEPTH) -> LabelConfig:
     """Parse a label config XML string in one pass over its tags.
 
     Raises LabelConfigError when it is empty, over `max_kb` KiB (UTF-8), nests tags more than
@@ -136,7 +151,7 @@ def parse_label_config(
     if re.search(r"<!\s*(DOCTYPE|ENTITY)", xml, flags=re.IGNORECASE):
         raise LabelConfigError("the label config must not contain a DOCTYPE or ENTITY declaration")
     reader = _TagReader(max_depth)
-    parser = ElementTree.XMLPullParser(events=("start", "end"))
+    parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(events=("start", "end"))
     try:
         for offset in range(0, len(xml), _FEED_CHARS):
             parser.feed(xml[offset : offset + _FEED_CHARS])
@@ -172,8 +187,15 @@ class _ControlDraft:
     labels: dict[str, None] = field(default_factory=dict)
 
     def tag(self) -> ControlTag:
-        return ControlTag(name=self.name, type=self.type, to_name=self.to_names[0], labels=tuple(self.labels),
-                          smart=self.smart, to_names=self.to_names, smart_only=self.smart_only)
+        return ControlTag(
+            name=self.name,
+            type=self.type,
+            to_name=self.to_names[0],
+            labels=tuple(self.labels),
+            smart=self.smart,
+            to_names=self.to_names,
+            smart_only=self.smart_only,
+        )
 
 
 class _TagReader:
@@ -261,8 +283,9 @@ def _inherit_labels(controls: list[ControlTag]) -> list[ControlTag]:
                     f"the label config's unlabelled tools would inherit more than {MAX_INHERITED_LABELS} labels "
                     "from Labels tags in all: give the tools their own labels or share fewer Labels tags"
                 )
-            tag = ControlTag(tag.name, tag.type, tag.to_name, resolved[tag.to_names], tag.smart,
-                             tag.to_names, tag.smart_only)
+            tag = ControlTag(
+                tag.name, tag.type, tag.to_name, resolved[tag.to_names], tag.smart, tag.to_names, tag.smart_only
+            )
         result.append(tag)
     return result
 
@@ -287,6 +310,4 @@ def require_segmentation_output(config: LabelConfig) -> None:
             f"(images: {', '.join(config.images)})"
         )
     if not any(tag.labels for tag in tags):
-        raise LabelConfigError(
-            f"the output tag '{tags[0].name}' has no <Label value=...> children"
-        )
+        raise LabelConfigError(f"the output tag '{tags[0].name}' has no <Label value=...> children")

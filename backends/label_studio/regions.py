@@ -4,17 +4,18 @@ Masks are HxW bool (or HxW uint8 class-index) arrays of the original image, heig
 original_height, width = columns = original_width. Polygon points in regions are percent of
 original_width / original_height (see backends.masks.coords).
 """
+
 from __future__ import annotations
 
 import secrets
 import string
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from backends.masks.coords import check_image_size, percent_to_pixels, pixels_to_percent
 from backends.errors import BackendError, BadRequest
 from backends.label_studio.label_config import BRUSH_TYPES, ControlTag
+from backends.masks.coords import check_image_size, percent_to_pixels, pixels_to_percent
 from backends.masks.polygons import DEFAULT_MAX_VERTICES, check_vertex_count, mask_to_polygons, polygon_to_crop
 from backends.masks.rle import decode_rle, encode_rle
 
@@ -129,8 +130,9 @@ def results_to_class_mask(
             _paint(class_mask, crop, origin, index, over=overlap == "later")
     # Rasterise again rather than hold every region's mask: memory stays one region's worth.
     for _, _, index, region in sorted(sized, key=lambda item: (-item[0], item[1])):
-        crop, origin = _region_crop(region, region["value"], str(region["type"]).lower(), height, width,
-                                    max_polygon_vertices)
+        crop, origin = _region_crop(
+            region, region["value"], str(region["type"]).lower(), height, width, max_polygon_vertices
+        )
         _paint(class_mask, crop, origin, index, over=True)
     return class_mask, warnings
 
@@ -175,8 +177,9 @@ def _paint(class_mask: np.ndarray, crop: np.ndarray, origin: tuple[int, int], in
     window[crop if over else crop & (window == 0)] = index
 
 
-def _region_crop(region: Mapping, value: Mapping, kind: str, height: int, width: int,
-                 max_polygon_vertices: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _region_crop(
+    region: Mapping, value: Mapping, kind: str, height: int, width: int, max_polygon_vertices: int
+) -> tuple[np.ndarray, tuple[int, int]]:
     """The region's bool mask over a window of the image: (crop, (row, column) of its corner)."""
     if kind == "brushlabels":
         if value.get("format", "rle") != "rle" or "rle" not in value:

@@ -10,12 +10,14 @@ Conventions (used by every backend module):
 - A rectangle's `rotation` is in degrees, clockwise on screen (y down), around its top-left
   corner (x, y), as Label Studio's editor (Konva) draws it.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from backends.errors import BadRequest
 
@@ -69,8 +71,7 @@ def percent_box_to_pixels(value: Mapping, width: int, height: int) -> tuple[floa
     x1, y1 = corners.max(axis=0)
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise BadRequest(
-            f"rectangle ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) px lies outside the "
-            f"{width}x{height} image"
+            f"rectangle ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) px lies outside the {width}x{height} image"
         )
     return (
         float(max(x0, 0.0)),
@@ -94,21 +95,21 @@ def percent_point_to_pixels(value: Mapping, width: int, height: int) -> tuple[fl
     return px / 100.0 * width, py / 100.0 * height
 
 
-def pixels_to_percent(points: np.ndarray, width: int, height: int) -> np.ndarray:
+def pixels_to_percent(points: ArrayLike, width: int, height: int) -> np.ndarray:
     """(N, 2) xy pixels -> (N, 2) float64 xy percent of width / height."""
     check_image_size(width, height)
     xy = _as_points(points)
     return xy * (100.0 / np.array([width, height], dtype=np.float64))
 
 
-def percent_to_pixels(points: np.ndarray, width: int, height: int) -> np.ndarray:
+def percent_to_pixels(points: ArrayLike, width: int, height: int) -> np.ndarray:
     """(N, 2) xy percent -> (N, 2) float64 xy pixels (no clipping)."""
     check_image_size(width, height)
     xy = _as_points(points)
     return xy * (np.array([width, height], dtype=np.float64) / 100.0)
 
 
-def _as_points(points: np.ndarray) -> np.ndarray:
+def _as_points(points: ArrayLike) -> np.ndarray:
     try:
         xy = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):

@@ -11,9 +11,10 @@ bridge (the same segment walked there and back), and walks holes opposite to the
 result is filled correctly by the even-odd rule (here, skimage) and the non-zero rule
 (canvas / Konva in Label Studio's editor) alike.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -130,8 +131,7 @@ def check_vertex_count(vertices: int, max_vertices: int = DEFAULT_MAX_VERTICES) 
     """BadRequest naming the setting when a polygon has more than max_vertices vertices."""
     if vertices > max_vertices:
         raise BadRequest(
-            f"a polygon has {vertices} vertices, more than the {max_vertices} allowed "
-            "(setting POLYGON_MAX_VERTICES)"
+            f"a polygon has {vertices} vertices, more than the {max_vertices} allowed (setting POLYGON_MAX_VERTICES)"
         )
 
 

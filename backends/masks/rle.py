@@ -17,10 +17,11 @@ The reference implementation is `label_studio_sdk.converter.brush` (pure Python,
 character per bit). This module produces byte-identical output and accepts the same input,
 working on runs and tokens with NumPy instead of bits in Python.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 
@@ -108,9 +109,7 @@ def _encode_runs(lengths: np.ndarray, values: np.ndarray, num: int) -> list[int]
     code = (((flag << 2 | k) << size_bits | n) << WORD_SIZE) | token_value
     nbits = 3 + size_bits + WORD_SIZE
 
-    header_codes = np.array(
-        [num, WORD_SIZE - 1, int("".join(f"{s - 1:04b}" for s in RLE_SIZES), 2)], dtype=np.int64
-    )
+    header_codes = np.array([num, WORD_SIZE - 1, int("".join(f"{s - 1:04b}" for s in RLE_SIZES), 2)], dtype=np.int64)
     header_bits = np.array([32, 5, 16], dtype=np.int64)
     return _pack_bits(np.concatenate((header_codes, code)), np.concatenate((header_bits, nbits)))
 
@@ -305,7 +304,7 @@ def _token_chain(keys: np.ndarray, lengths_table: np.ndarray, nbits: int) -> np.
     jump = np.empty(nbits + 1, dtype=np.int64)
     np.minimum(np.arange(nbits) + lengths_table[keys[:nbits]], nbits, out=jump[:nbits])
     jump[nbits] = nbits
-    stride = jump
+    stride: np.ndarray = jump
     for _ in range(3):
         stride = stride[stride]
     coarse = []

@@ -190,8 +190,9 @@ class ModelInstances:
         except Exception:  # eviction must not fail the request that caused it
             log.exception("%s.forget_project(%s) failed", type(self._service).__name__, project_id)
         self._evicted.inc()
-        log.info("project %s evicted: more than %d projects in memory (MAX_PROJECTS)", project_id or "-",
-                 self.max_projects)
+        log.info(
+            "project %s evicted: more than %d projects in memory (MAX_PROJECTS)", project_id or "-", self.max_projects
+        )
 
     @staticmethod
     def _usable(instance: LabelStudioMLBase, label_config: str | None) -> bool:

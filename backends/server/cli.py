@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from backends.server.model_base import LabelStudioMLBase
 from backends.settings import Settings, SettingsError
@@ -20,9 +20,7 @@ def build_parser(model_class: type[LabelStudioMLBase], default_port: int) -> arg
         "Configuration comes from environment variables (see README, Configuration)."
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    parser.add_argument(
-        "--port", type=int, default=default_port, help=f"port to listen on (default: {default_port})"
-    )
+    parser.add_argument("--port", type=int, default=default_port, help=f"port to listen on (default: {default_port})")
     return parser
 
 

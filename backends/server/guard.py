@@ -15,7 +15,8 @@ import binascii
 import hmac
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import orjson
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import BackendError, BadRequest, PayloadTooLarge
 from backends.logs import redact
@@ -54,9 +56,7 @@ class JSONAnswer(JSONResponse):
     def render(self, content: Any) -> bytes:
         # orjson: a detailed mask's RLE holds 10^5-10^6 integers, which the json module takes
         # ~16 ms to write for a 1024x768 image (orjson ~1 ms). NaN and infinity become null.
-        return orjson.dumps(
-            content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-        )
+        return orjson.dumps(content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 def redact_answer(value: Any) -> Any:
@@ -71,9 +71,7 @@ def redact_answer(value: Any) -> Any:
     return value
 
 
-def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
-) -> Response:
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> Response:
     """Every error answer goes through here: `{"error": message, **extra}`, secrets redacted."""
     return JSONAnswer(redact_answer({"error": message, **extra}), status_code=status, headers=headers)
 
@@ -93,13 +91,9 @@ class Telemetry:
     def __init__(self, metrics: Metrics):
         self.requests = metrics.counter("requests", "HTTP requests answered", ("endpoint", "status"))
         self.seconds = metrics.histogram("request_seconds", "HTTP request latency", ("endpoint",))
-        self.errors = metrics.counter(
-            "errors", "Requests or background jobs that failed", ("endpoint", "kind")
-        )
+        self.errors = metrics.counter("errors", "Requests or background jobs that failed", ("endpoint", "kind"))
         self.predictions = metrics.counter("predicted_tasks", "Tasks predicted", ("mode",))
-        self.webhooks = metrics.counter(
-            "webhook_jobs", "Webhook jobs run in the background", ("action", "outcome")
-        )
+        self.webhooks = metrics.counter("webhook_jobs", "Webhook jobs run in the background", ("action", "outcome"))
         # Pre-create the common series so they read 0 before the first request.
         for endpoint in ENDPOINTS:
             self.seconds.labels(endpoint)
@@ -112,7 +106,7 @@ class Telemetry:
 
 
 class RequestGuard:
-    def __init__(self, app: Callable, settings: Settings, telemetry: Telemetry):
+    def __init__(self, app: ASGIApp, settings: Settings, telemetry: Telemetry):
         self.app = app
         self.telemetry = telemetry
         self.max_body_bytes = int(settings.max_request_mb * 1024 * 1024)
@@ -121,7 +115,7 @@ class RequestGuard:
         if settings.basic_auth_user:
             self.credentials = (settings.basic_auth_user.encode(), settings.basic_auth_pass.encode())
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -130,7 +124,7 @@ class RequestGuard:
         status = 500
         response_started = False
 
-        async def send_tracked(message: dict) -> None:
+        async def send_tracked(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -148,14 +142,15 @@ class RequestGuard:
                 await response(scope, receive, send_tracked)
                 return
             try:
-                receive = await self._read_body(scope, receive)
+                replay = await self._read_body(scope, receive)
             except BackendError as error:
                 self.telemetry.error(endpoint, type(error).__name__)
                 await error_response(error.status, error.message)(scope, receive, send_tracked)
                 return
-            if receive is None:  # the client went away while sending
+            if replay is None:  # the client went away while sending
                 status = 499
                 return
+            receive = replay
             await self.app(scope, receive, send_tracked)
         except Exception as error:
             # Anything the routes did not turn into an answer: log it with its traceback (the
@@ -174,11 +169,11 @@ class RequestGuard:
             level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS and status < 400 else logging.INFO
             log.log(level, "%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
 
-    def _authorised(self, scope: dict) -> bool:
+    def _authorised(self, scope: Scope) -> bool:
         if self.credentials is None:
             return True
         header = _header(scope, b"authorization")
-        if not header or not header[:6].lower() == b"basic ":
+        if not header or header[:6].lower() != b"basic ":
             return False
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True)
@@ -190,7 +185,7 @@ class RequestGuard:
         password_ok = hmac.compare_digest(password, self.credentials[1])
         return user_ok and password_ok
 
-    async def _read_body(self, scope: dict, receive: Callable) -> Callable | None:
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """Read the whole body (at most the cap) and return a `receive` that replays it."""
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
@@ -217,7 +212,7 @@ class RequestGuard:
         body = b"".join(chunks)
         replayed = False
 
-        async def replay() -> dict:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -227,7 +222,7 @@ class RequestGuard:
         return replay
 
 
-def _header(scope: dict, name: bytes) -> bytes | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return value
@@ -265,13 +260,9 @@ def install_error_handlers(app: FastAPI, telemetry: Telemetry) -> None:
             return error_response(400, f"malformed JSON body: {reason}")
         if any(tuple(p.get("loc", ())) == ("body",) for p in problems):
             telemetry.error(endpoint, "validation")
-            return error_response(
-                422, "the request body must be a JSON object (Content-Type: application/json)"
-            )
+            return error_response(422, "the request body must be a JSON object (Content-Type: application/json)")
         # Say where and what, never echo the input (it may hold tokens or masks).
-        details = [
-            {"field": _field_path(p.get("loc", ())), "problem": p.get("msg", "invalid")} for p in problems
-        ]
+        details = [{"field": _field_path(p.get("loc", ())), "problem": p.get("msg", "invalid")} for p in problems]
         summary = "; ".join(f"{d['field']}: {d['problem']}" for d in details[:5])
         if len(details) > 5:
             summary += f"; and {len(details) - 5} more"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import pydantic
@@ -54,6 +55,7 @@ def _lone_surrogate_at(value: Any, path: str = "") -> str | None:
     """The dotted path of the first string (or key) in `value` that UTF-8 cannot encode, else None."""
     if isinstance(value, str):
         return None if _encodable(value) else (path or "the body")
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)):
@@ -173,9 +175,7 @@ def project_id_of(project: Any) -> str:
     if match is None:
         shown = ascii(project)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise BadRequest(
-            f'project must be a Label Studio project id, an integer or "<id>.<timestamp>"; got {shown}'
-        )
+        raise BadRequest(f'project must be a Label Studio project id, an integer or "<id>.<timestamp>"; got {shown}')
     return str(int(match.group(1)))
 
 

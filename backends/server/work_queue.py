@@ -7,13 +7,15 @@ once `workers` jobs run and `max_waiting` wait, and its threads are daemons star
 `KeyedQueue` adds "one job per key": a second submit for a key that is waiting or running is
 answered with that job's state instead of queueing a duplicate (one training run per project).
 """
+
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class KeyedQueue:
             return "queued"
 
     def state(self, key: Hashable) -> str | None:
-        """"queued", "running" or None."""
+        """ "queued", "running" or None."""
         with self._lock:
             return self._states.get(key)
 

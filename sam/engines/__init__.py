@@ -24,17 +24,19 @@ Optional, offered by `sam2` and `sam3` (sam.engines.hf_sam2 / hf_sam3):
 - `supports_text = True` (sam3 with its concept detector): `segment_text(embedding, text,
   score_threshold=0.5, max_instances=100) -> [TextInstance(mask, score), ...]`, one per instance.
 """
+
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from sam.embedding_cache import nbytes
 from backends.settings import Settings
+from sam.embedding_cache import nbytes
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,13 @@ class Engine(Protocol):
 
     def embed(self, image: np.ndarray) -> Any: ...
 
-    def predict(self, embedding: Any, box: Box | None = None, points: Points | None = None,
-                point_labels: Sequence[int] | None = None) -> tuple[np.ndarray, float]: ...
+    def predict(
+        self,
+        embedding: Any,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, float]: ...
 
 
 def rgb_uint8(image: np.ndarray) -> np.ndarray:

@@ -31,11 +31,12 @@ effectiveness (between-class / total variance of the colour distance) of the mas
 rest of the crop, and the border factor falls from 1 to 0 as the mask covers 50 % .. 100 % of the
 box's border (a filled box is no segmentation). Points: the colour separation of the region.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -74,15 +75,20 @@ class ClassicEngine:
     independent_embed = True  # no state between embed and predict (see sam.embeddings)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ClassicEngine":
+    def from_settings(cls, settings: Settings) -> ClassicEngine:
         return cls()
 
     def embed(self, image: np.ndarray) -> ClassicEmbedding:
         """HxWx3 uint8 RGB -> ClassicEmbedding (a contiguous RGB copy; nothing to precompute)."""
         return ClassicEmbedding(rgb_uint8(image))
 
-    def predict(self, embedding: ClassicEmbedding, box: Box | None = None, points: Points | None = None,
-                point_labels: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
+    def predict(
+        self,
+        embedding: ClassicEmbedding,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, float]:
         """-> (HxW bool mask of the whole image, score in [0, 1]).
 
         box: [x0, y0, x1, y1] pixels; points: [[x, y], ...] pixels; point_labels 1 / 0.
@@ -94,7 +100,8 @@ class ClassicEngine:
             raise ValueError(f"{len(xy)} points but {len(labels)} point labels")
         positives, negatives = xy[labels == 1], xy[labels != 1]
         if box is not None:
-            return segment_box(image, tuple(float(v) for v in box), positives, negatives)
+            x0, y0, x1, y1 = (float(v) for v in box)
+            return segment_box(image, (x0, y0, x1, y1), positives, negatives)
         if len(positives):
             return segment_points(image, positives, negatives)
         raise ValueError("a prompt needs a box or at least one positive point")
@@ -270,7 +277,12 @@ def _points_in(points: np.ndarray | None, crop: tuple[int, ...], scale: float, f
     if points is None or len(points) == 0:
         return np.zeros((0, 2), int)
     local = np.floor((np.asarray(points, float) - [crop[0], crop[1]]) * scale).astype(int) - [frame[0], frame[1]]
-    keep = (local[:, 0] >= 0) & (local[:, 1] >= 0) & (local[:, 0] < frame[2] - frame[0]) & (local[:, 1] < frame[3] - frame[1])
+    keep = (
+        (local[:, 0] >= 0)
+        & (local[:, 1] >= 0)
+        & (local[:, 0] < frame[2] - frame[0])
+        & (local[:, 1] < frame[3] - frame[1])
+    )
     return local[keep]
 
 
@@ -307,8 +319,8 @@ def _bbox_iou(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:
     rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
     if not rows.any():
         return 0.0
-    r0, r1 = np.argmax(rows), len(rows) - np.argmax(rows[::-1])
-    c0, c1 = np.argmax(cols), len(cols) - np.argmax(cols[::-1])
+    r0, r1 = int(np.argmax(rows)), len(rows) - int(np.argmax(rows[::-1]))
+    c0, c1 = int(np.argmax(cols)), len(cols) - int(np.argmax(cols[::-1]))
     ix = max(0, min(c1, box[2]) - max(c0, box[0]))
     iy = max(0, min(r1, box[3]) - max(r0, box[1]))
     inter = ix * iy

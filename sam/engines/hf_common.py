@@ -13,6 +13,7 @@ next to the pinned torch here, so this module does their work with torch alone, 
 Nothing here imports `transformers`: `checkpoint_family` decides the engine from a checkpoint's
 config.json or its Hugging Face id alone, so `SAM_ENGINE=auto` stays cheap.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,7 +122,11 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, engine: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=text, allow_patterns=list(HUB_FILES)))
     except Exception as error:  # gated, offline, unknown id, network: say which setting to change
-        hint = " (facebook/sam3 is gated: accept its licence on huggingface.co and set HF_TOKEN)" if engine == "sam3" else ""
+        hint = (
+            " (facebook/sam3 is gated: accept its licence on huggingface.co and set HF_TOKEN)"
+            if engine == "sam3"
+            else ""
+        )
         raise ValueError(f"SAM_CHECKPOINT={text}: cannot fetch it from the Hugging Face Hub{hint}: {error}") from error
 
 
@@ -134,7 +140,7 @@ class Normalisation:
     rescale_factor: float = 1 / 255
 
     @classmethod
-    def from_checkpoint(cls, directory: Path, size: int, default: tuple) -> "Normalisation":
+    def from_checkpoint(cls, directory: Path, size: int, default: tuple) -> Normalisation:
         """The checkpoint's preprocessor_config.json (or processor_config.json) values, else `default`.
 
         `size` is the model's own input size (the prompt encoder's image_size): it wins over the
@@ -209,8 +215,8 @@ def prompt_tensors(
         inputs["input_boxes"] = corners.reshape(1, 1, 4).to(device)
     if points is not None and len(points):
         xy = torch.tensor(np.asarray(points, dtype=np.float32).reshape(-1, 2)) * scale
-        labels = np.ones(len(xy)) if point_labels is None else np.asarray(point_labels)
-        labels = torch.tensor(labels.astype(np.int64).reshape(-1))
+        signs = np.ones(len(xy)) if point_labels is None else np.asarray(point_labels)
+        labels = torch.tensor(signs.astype(np.int64).reshape(-1))
         if len(labels) != len(xy):
             raise ValueError(f"{len(xy)} points but {len(labels)} point labels")
         inputs["input_points"] = xy.reshape(1, 1, -1, 2).to(device)
@@ -238,7 +244,9 @@ def mask_input_tensor(mask_input: Any, size: tuple[int, int], device: str) -> to
     while tensor.ndim > 2 and tensor.shape[0] == 1:
         tensor = tensor[0]
     if tensor.ndim != 2 or min(tensor.shape) < 1 or max(tensor.shape) > 4 * max(size):
-        raise ValueError(f"mask_input must be {size[0]}x{size[1]} low-resolution logits, got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"mask_input must be {size[0]}x{size[1]} low-resolution logits, got shape {tuple(tensor.shape)}"
+        )
     if not torch.isfinite(tensor).all():
         raise ValueError("mask_input holds non-finite logits")
     return tensor[None, None].to(device)

@@ -10,13 +10,15 @@ Pre/post-processing is `sam.engines.hf_common` (the library's processors need to
 Each call reads only its arguments and the frozen model: embed and predict may run at the same
 time in different threads (`independent_embed`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +49,10 @@ class HfEmbedding:
     backbone: torch.Tensor | None = None
 
 
-SAM2_CHECKPOINTS = ("a Hugging Face id (facebook/sam2.1-hiera-tiny, -small, -base-plus, -large) or a directory "
-                    "written by save_pretrained")
+SAM2_CHECKPOINTS = (
+    "a Hugging Face id (facebook/sam2.1-hiera-tiny, -small, -base-plus, -large) or a directory "
+    "written by save_pretrained"
+)
 
 
 class PromptEngine(RefiningEngine):
@@ -64,7 +68,8 @@ class PromptEngine(RefiningEngine):
         self.norm = norm
         self.bf16 = device.startswith("cuda") if bf16 is None else bool(bf16)
         self.name = name
-        self.mask_input_size = tuple(int(v) for v in self.model.prompt_encoder.mask_input_size)
+        rows, cols = self.model.prompt_encoder.mask_input_size
+        self.mask_input_size = (int(rows), int(cols))
 
     # -- embedding -------------------------------------------------------------------------------
 
@@ -100,21 +105,28 @@ class PromptEngine(RefiningEngine):
     # -- prompts ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict_with_logits(self, embedding: HfEmbedding, box: Box | None = None, points: Points | None = None,
-                            point_labels: Sequence[int] | None = None, mask_input: Any = None) -> MaskPrediction:
+    def predict_with_logits(
+        self,
+        embedding: HfEmbedding,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+        mask_input: Any = None,
+    ) -> MaskPrediction:
         """One prompt (original-image pixels) -> MaskPrediction.
 
         `mask_input`: the `logits` of an earlier prediction of the same region (refinement).
         A lone box or a single point is ambiguous: three candidates are decoded and the one with
         the highest predicted IoU wins (as the `sam` engine does); otherwise one mask is decoded.
         """
-        has_points = points is not None and len(points) > 0
+        n_points = 0 if points is None else len(points)
+        has_points = n_points > 0
         inputs = hf_common.prompt_tensors(
             box, points if has_points else None, point_labels, embedding.original_size, self.norm.size, self.device
         )
         if mask_input is not None:
             inputs["input_masks"] = hf_common.mask_input_tensor(mask_input, self.mask_input_size, self.device)
-        ambiguous = (box is None) != (not has_points) and (not has_points or len(points) == 1)
+        ambiguous = (box is None) != (not has_points) and n_points <= 1
         features = [level.to(self.device) for level in embedding.features]
         output = self.model(image_embeddings=features, multimask_output=ambiguous, **inputs)
         scores = output.iou_scores[0, 0].float()
@@ -148,8 +160,10 @@ class Sam2Engine(PromptEngine):
         log.info("SAM 2 %s loaded on %s (input %dpx, bf16 encoder: %s)", checkpoint, self.device, size, self.bf16)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Sam2Engine":
-        return cls(hf_common.required_checkpoint(settings.sam_checkpoint, "sam2", SAM2_CHECKPOINTS), device=settings.device)
+    def from_settings(cls, settings: Settings) -> Sam2Engine:
+        return cls(
+            hf_common.required_checkpoint(settings.sam_checkpoint, "sam2", SAM2_CHECKPOINTS), device=settings.device
+        )
 
 
 def checkpoint_label(checkpoint: str | os.PathLike) -> str:

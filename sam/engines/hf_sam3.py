@@ -10,6 +10,7 @@ the decoder's features, and the backbone output is kept in the embedding so a te
 image needs only the detector's neck and heads, not another pass of the ViT. A `sam3_tracker`
 checkpoint (no detector) gives clicks without text prompts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,10 @@ class TextInstance(NamedTuple):
     score: float
 
 
-SAM3_CHECKPOINTS = ("facebook/sam3 (gated: accept the licence on huggingface.co and set HF_TOKEN) or a directory "
-                    "written by save_pretrained")
+SAM3_CHECKPOINTS = (
+    "facebook/sam3 (gated: accept the licence on huggingface.co and set HF_TOKEN) or a directory "
+    "written by save_pretrained"
+)
 
 
 class Sam3Engine(PromptEngine):
@@ -77,12 +80,18 @@ class Sam3Engine(PromptEngine):
         self.supports_text = self.detector is not None
         log.info(
             "SAM 3 %s loaded on %s (input %dpx, bf16 encoder: %s, text prompts: %s)",
-            checkpoint, self.device, size, self.bf16, self.supports_text,
+            checkpoint,
+            self.device,
+            size,
+            self.bf16,
+            self.supports_text,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Sam3Engine":
-        return cls(hf_common.required_checkpoint(settings.sam_checkpoint, "sam3", SAM3_CHECKPOINTS), device=settings.device)
+    def from_settings(cls, settings: Settings) -> Sam3Engine:
+        return cls(
+            hf_common.required_checkpoint(settings.sam_checkpoint, "sam3", SAM3_CHECKPOINTS), device=settings.device
+        )
 
     # -- embedding: one ViT pass serves both the tracker and the detector ------------------------
 
@@ -113,13 +122,19 @@ class Sam3Engine(PromptEngine):
         phrase = _concept(text)
         if not isinstance(score_threshold, (int, float)) or not math.isfinite(score_threshold):
             raise BadRequest(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
-        embedding = embedding_or_image if isinstance(embedding_or_image, HfEmbedding) else self.embed(embedding_or_image)
+        embedding = (
+            embedding_or_image if isinstance(embedding_or_image, HfEmbedding) else self.embed(embedding_or_image)
+        )
         if embedding.backbone is None:
             raise ValueError("this embedding was made without the backbone output text prompts need")
         output = self._detect(embedding, phrase)
         found = hf_common.select_instances(
-            output.pred_logits, output.presence_logits, output.pred_masks, embedding.original_size,
-            score_threshold, max_instances,
+            output.pred_logits,
+            output.presence_logits,
+            output.pred_masks,
+            embedding.original_size,
+            score_threshold,
+            max_instances,
         )
         return [TextInstance(mask, score) for mask, score in found]
 
@@ -127,21 +142,22 @@ class Sam3Engine(PromptEngine):
         """The detector's raw output for one phrase, from the embedding's backbone output."""
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-        length = min(MAX_TEXT_TOKENS, int(self.detector.config.text_config.max_position_embeddings))
+        detector, tokenizer, backbone = self.detector, self.tokenizer, embedding.backbone
+        if detector is None or tokenizer is None or backbone is None:  # segment_text refused these already
+            raise ValueError("text prompts need the concept detector and the embedding's backbone output")
+        length = min(MAX_TEXT_TOKENS, int(detector.config.text_config.max_position_embeddings))
         with self._tokenizer_lock:
-            tokens = self.tokenizer(
-                [phrase], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            )
-        hidden = embedding.backbone.to(self.device)
+            tokens = tokenizer([phrase], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        hidden = backbone.to(self.device)
         with hf_common.autocast(self.device, self.bf16):
             spatial = hidden.view(hidden.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            fpn_hidden_states, fpn_position_encoding = self.detector.vision_encoder.neck(spatial)
+            fpn_hidden_states, fpn_position_encoding = detector.vision_encoder.neck(spatial)
             vision = Sam3VisionEncoderOutput(
                 last_hidden_state=hidden,
                 fpn_hidden_states=fpn_hidden_states,
                 fpn_position_encoding=fpn_position_encoding,
             )
-            return self.detector(
+            return detector(
                 vision_embeds=vision,
                 input_ids=tokens["input_ids"].to(self.device),
                 attention_mask=tokens["attention_mask"].to(self.device),
@@ -196,4 +212,3 @@ def _concept(text: Any) -> str:
     if len(phrase) > MAX_TEXT_CHARS:
         raise BadRequest(f"a text prompt is a short concept (at most {MAX_TEXT_CHARS} characters), got {len(phrase)}")
     return phrase
-

@@ -10,11 +10,13 @@ detector_model.*, tracker_model.*, tracker_neck.*), written from the module name
 `Sam3VideoModel.save_pretrained` in transformers 5.23 writes tracker_model.tracker_model.* keys,
 which `Sam3TrackerModel.from_pretrained` then leaves unloaded.
 """
+
 from __future__ import annotations
 
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,8 +25,8 @@ from sam.engines.hf_common import IMAGENET_DEFAULT, IMAGENET_STANDARD
 TINY_SAM2_SIZE = 256  # input pixels per side (real SAM 2.1: 1024)
 TINY_SAM3_SIZE = 224  # real SAM 3: 1008
 TINY_SAM3_PATCH = 14
-_TINY_MASK_DECODER = dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
-_TINY_SAM3_PROMPTS = dict(hidden_size=32, image_size=TINY_SAM3_SIZE, patch_size=TINY_SAM3_PATCH)
+_TINY_MASK_DECODER: dict[str, Any] = dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+_TINY_SAM3_PROMPTS: dict[str, Any] = dict(hidden_size=32, image_size=TINY_SAM3_SIZE, patch_size=TINY_SAM3_PATCH)
 
 
 def save_random_sam2(directory: str | Path, tiny: bool = True, seed: int = 0, video: bool = False) -> Path:
@@ -34,6 +36,7 @@ def save_random_sam2(directory: str | Path, tiny: bool = True, seed: int = 0, vi
     torch.manual_seed(seed)
     kwargs = _tiny_sam2_parts() if tiny else {}
     size = TINY_SAM2_SIZE if tiny else 1024
+    model: Sam2Model | Sam2VideoModel
     if video:
         extra = _tiny_memory_parts(size // 16) if tiny else {}
         model = Sam2VideoModel(Sam2VideoConfig(**kwargs, **extra, image_size=size))
@@ -123,7 +126,7 @@ def _tiny_memory_parts(grid: int) -> dict:
 
 
 def _tiny_sam3_vision():
-    from transformers.models.sam3.configuration_sam3 import Sam3ViTConfig, Sam3VisionConfig
+    from transformers.models.sam3.configuration_sam3 import Sam3VisionConfig, Sam3ViTConfig
 
     size, grid = TINY_SAM3_SIZE, TINY_SAM3_SIZE // TINY_SAM3_PATCH
     vit = Sam3ViTConfig(
@@ -172,7 +175,7 @@ def _tiny_sam3_parts() -> dict:
     )
 
     size = TINY_SAM3_SIZE
-    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    small: dict[str, Any] = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
     text = CLIPTextConfig(
         vocab_size=len(_clip_vocab()),
         hidden_size=32,
@@ -197,7 +200,9 @@ def _tiny_sam3_parts() -> dict:
         vision_config=_tiny_sam3_vision(),
         prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(**_TINY_SAM3_PROMPTS),
         mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(**_TINY_MASK_DECODER),
-        image_size=size,  # else its __post_init__ resets every size to 1008
+        # else its __post_init__ resets every size to 1008; it takes image_size from **kwargs,
+        # which the generated __init__ signature does not declare
+        image_size=size,  # type: ignore[call-arg]
         **_tiny_memory_parts(size // TINY_SAM3_PATCH),
     )
     return dict(detector_config=detector, tracker_config=tracker)

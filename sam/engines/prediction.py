@@ -1,9 +1,11 @@
 """What an engine's prompt decoder returns when asked for its logits (refinement across clicks)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,14 +29,26 @@ class RefiningEngine(ABC):
 
     supports_mask_input = True
 
-    def predict(self, embedding: Any, box: Box | None = None, points: Points | None = None,
-                point_labels: Sequence[int] | None = None, mask_input: Any = None) -> tuple[np.ndarray, float]:
+    def predict(
+        self,
+        embedding: Any,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+        mask_input: Any = None,
+    ) -> tuple[np.ndarray, float]:
         """One prompt -> (HxW bool mask of the original image, the model's predicted IoU)."""
         prediction = self.predict_with_logits(embedding, box, points, point_labels, mask_input)
         return prediction.mask, prediction.score
 
     @abstractmethod
-    def predict_with_logits(self, embedding: Any, box: Box | None = None, points: Points | None = None,
-                            point_labels: Sequence[int] | None = None, mask_input: Any = None) -> MaskPrediction:
+    def predict_with_logits(
+        self,
+        embedding: Any,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+        mask_input: Any = None,
+    ) -> MaskPrediction:
         """One prompt -> MaskPrediction; `mask_input`: the `logits` of an earlier prediction of the
         same region, so an added click refines that mask."""

@@ -5,13 +5,15 @@
 Each call uses its own `SamPredictor` view of the shared model, so an embedding is never stored
 inside the model object: two annotators on two images cannot read each other's features.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,13 +25,14 @@ from sam.engines.prediction import MaskPrediction, RefiningEngine
 from sam.engines.sam_fast_encoder import preprocess_batch, use_sdpa_attention
 from sam.engines.segment_anything_loader import load_segment_anything
 
+if TYPE_CHECKING:  # segment_anything ships no types: Sam is Any to mypy, named for the reader
+    from segment_anything.modeling import Sam
+
 log = logging.getLogger(__name__)
 
 # vit_tiny: a test-only model (tiny image encoder, the real prompt encoder and mask decoder) so the
 # whole backend runs on CPU in tests in well under a second per image.
-_TINY_ENCODER = dict(
-    encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]
-)
+_TINY_ENCODER = dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
 
 
@@ -46,7 +49,7 @@ class SamEmbedding:
     input_size: tuple[int, int]
 
 
-def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> torch.nn.Module:
+def build_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
     """A SAM model of `model_type` in eval mode; weights from `checkpoint` or random when None.
 
     Checkpoints load with `torch.load(weights_only=True)`: a .pth cannot run code on load.
@@ -124,11 +127,16 @@ class SamEngine(RefiningEngine):
             self.embed(np.zeros((64, 64, 3), dtype=np.uint8))  # compile now, not on the first click
         log.info(
             "SAM %s loaded on %s (bf16 encoder: %s, SDPA: %s, compiled: %s, checkpoint: %s)",
-            model_type, self.device, self.bf16, sdpa, compile_encoder, checkpoint,
+            model_type,
+            self.device,
+            self.bf16,
+            sdpa,
+            compile_encoder,
+            checkpoint,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SamEngine":
+    def from_settings(cls, settings: Settings) -> SamEngine:
         checkpoint = settings.sam_checkpoint or None
         if checkpoint is None:
             raise ValueError("SAM_ENGINE=sam needs SAM_CHECKPOINT (python -m sam.weights download vit_b)")
@@ -159,12 +167,18 @@ class SamEngine(RefiningEngine):
         # clone: a slice would keep the whole batch's storage alive in the embedding cache
         return [
             SamEmbedding(features=features[i : i + 1].float().clone(), original_size=original, input_size=resized)
-            for i, (original, resized) in enumerate(zip(original_sizes, input_sizes))
+            for i, (original, resized) in enumerate(zip(original_sizes, input_sizes, strict=True))
         ]
 
     @torch.inference_mode()
-    def predict_with_logits(self, embedding: SamEmbedding, box: Box | None = None, points: Points | None = None,
-                            point_labels: Sequence[int] | None = None, mask_input: Any = None) -> MaskPrediction:
+    def predict_with_logits(
+        self,
+        embedding: SamEmbedding,
+        box: Box | None = None,
+        points: Points | None = None,
+        point_labels: Sequence[int] | None = None,
+        mask_input: Any = None,
+    ) -> MaskPrediction:
         """Decode one prompt -> MaskPrediction (mask, predicted IoU, 256x256 low-res logits).
 
         `mask_input`: the `logits` of an earlier prediction of the same region, so an added click
@@ -173,7 +187,9 @@ class SamEngine(RefiningEngine):
         A box with points, or several points, is decoded once.
         """
         box_array = None if box is None else np.asarray(box, dtype=np.float32).reshape(4)
-        point_array = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        point_array = (
+            None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        )
         label_array = None
         if point_array is not None:
             labels = np.ones(len(point_array)) if point_labels is None else np.asarray(point_labels)
@@ -190,7 +206,10 @@ class SamEngine(RefiningEngine):
         predictor.input_size = embedding.input_size
         predictor.is_image_set = True
         masks, scores, low_res = predictor.predict(
-            point_coords=point_array, point_labels=label_array, box=box_array, mask_input=previous,
+            point_coords=point_array,
+            point_labels=label_array,
+            box=box_array,
+            mask_input=previous,
             multimask_output=ambiguous,
         )
         best = int(np.argmax(scores))
@@ -198,4 +217,3 @@ class SamEngine(RefiningEngine):
 
     def embedding_nbytes(self, embedding: SamEmbedding) -> int:
         return int(embedding.features.element_size() * embedding.features.nelement())
-

@@ -10,6 +10,7 @@ same `ResizeLongestSide`, resizing exactly like torchvision's PIL path (bilinear
 
 No fake `torchvision` module is ever registered: other libraries (monai) probe for it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,16 +18,17 @@ import importlib.util
 import sys
 import threading
 import types
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 _PACKAGE = "segment_anything"
 _lock = threading.Lock()
-_loaded: "SegmentAnything | None" = None
+_loaded: SegmentAnything | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class ResizeLongestSide:
         """HxWxC uint8 -> h x w x C uint8 (longest side = target_length), PIL bilinear like torchvision."""
         new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         # torchvision's resize(to_pil_image(img), (h, w)) is PIL Image.resize((w, h), BILINEAR).
-        return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        return np.array(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """...x2 XY pixel coordinates of an (H, W) image -> the resized frame (float)."""
@@ -111,7 +113,7 @@ def _import_without_torchvision() -> SegmentAnything:
         utils_dirs = [f"{path}/utils" for path in spec.submodule_search_locations]
         sys.modules[f"{_PACKAGE}.utils"] = _namespace(f"{_PACKAGE}.utils", utils_dirs)
         transforms = types.ModuleType(f"{_PACKAGE}.utils.transforms")
-        transforms.ResizeLongestSide = ResizeLongestSide
+        vars(transforms)["ResizeLongestSide"] = ResizeLongestSide
         sys.modules[f"{_PACKAGE}.utils.transforms"] = transforms
     build_sam = importlib.import_module(f"{_PACKAGE}.build_sam")
     predictor = importlib.import_module(f"{_PACKAGE}.predictor")

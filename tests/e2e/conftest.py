@@ -10,11 +10,12 @@ Session fixtures:
   Label Studio -> `devstack.backends.Backend` (`.url`, `.log_path`, `.health()`, `.stop()`).
 Everything started here is stopped at the end of the session, also after failures.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -78,9 +79,7 @@ def label_studio(
 
 
 @pytest.fixture(scope="session")
-def start_backend(
-    stack_dir: Path, label_studio: LabelStudioServer
-) -> Iterator[Callable[..., Backend]]:
+def start_backend(stack_dir: Path, label_studio: LabelStudioServer) -> Iterator[Callable[..., Backend]]:
     """Factory: `start_backend("sam", env={"SAM_ENGINE": "classic"})`. Defaults point the backend
     at the session's Label Studio with its legacy token, give it its own MODEL_DIR and image
     cache, and SAM_ENGINE=classic (no checkpoint here); `env` overrides them."""

@@ -1,4 +1,5 @@
 """Picking DSB2018 images for end-to-end tests, and their truth (from ../shared/data/dsb2018)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ GOOGLE_APPLICATION_CREDENTIALS): the only way to the pixels is Label Studio's
   predictions" stores non-empty brush predictions of that version in Label Studio.
 - Neither backend's log contains the API token.
 """
+
 from __future__ import annotations
 
 import base64
@@ -110,14 +111,30 @@ def offline_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     for path in pick_images(shared_data, N_TRAIN + N_TASKS)[:N_TRAIN]:
         (images_dir / path.name).symlink_to(path.resolve())
         Image.fromarray(true_mask(shared_data, path).astype(np.uint8)).save(masks_dir / path.name)
-    command = [sys.executable, "-m", "segmentation.train", "--images", str(images_dir), "--masks", str(masks_dir),
-               "--out", str(model_dir), "--minutes", str(TRAIN_MINUTES), "--labels", "Nucleus", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "segmentation.train",
+        "--images",
+        str(images_dir),
+        "--masks",
+        str(masks_dir),
+        "--out",
+        str(model_dir),
+        "--minutes",
+        str(TRAIN_MINUTES),
+        "--labels",
+        "Nucleus",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["labels"] == ["Nucleus"], summary
-    return OfflineModel(model_dir=model_dir, version=summary["version"], steps=summary["steps"],
-                        seconds=time.monotonic() - started)
+    return OfflineModel(
+        model_dir=model_dir, version=summary["version"], steps=summary["steps"], seconds=time.monotonic() - started
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +150,21 @@ def gcs_project(label_studio, gcs_emulator, start_backend, shared_data, offline_
     client = gcs_emulator.client()
     client.create_bucket(source_bucket)
     client.create_bucket(target_bucket)
-    for index, path in enumerate(images):
+    for path in images:
         blob = client.bucket(source_bucket).blob(f"images/{path.name}")
         blob.upload_from_filename(str(path), content_type="image/png")
     manifest = [{"image": path.name, "sample": f"S{index}", "stain": "DAPI"} for index, path in enumerate(images)]
     client.bucket(source_bucket).blob("manifest.jsonl").upload_from_string(
-        "\n".join(json.dumps(row) for row in manifest) + "\n")
+        "\n".join(json.dumps(row) for row in manifest) + "\n"
+    )
 
     with pytest.MonkeyPatch.context() as patch:
         # The backends inherit our environment: they must not get any way to GCS of their own.
         for name in GCS_VARIABLES:
             patch.delenv(name, raising=False)
-        segmentation = start_backend("segmentation",
-                                     env={**SEGMENTATION_ENV, "MODEL_DIR": str(offline_model.model_dir)})
+        segmentation = start_backend(
+            "segmentation", env={**SEGMENTATION_ENV, "MODEL_DIR": str(offline_model.model_dir)}
+        )
         sam = start_backend("sam", env={"SAM_ENGINE": "classic"})
         # The scripts (this process) do talk to the emulator.
         patch.setenv("LABEL_STUDIO_URL", label_studio.url)
@@ -153,13 +172,38 @@ def gcs_project(label_studio, gcs_emulator, start_backend, shared_data, offline_
         patch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            assert setup_project.main([
-                "--title", title, "--source", f"gs://{source_bucket}/images",
-                "--target", f"gs://{target_bucket}/annotations",
-                "--seg-url", segmentation.url, "--sam-url", sam.url, "--no-progress"]) == 0
-            assert import_gcs.main([
-                "--project", title, "--source", f"gs://{source_bucket}/images",
-                "--manifest", f"gs://{source_bucket}/manifest.jsonl", "--no-progress"]) == 0
+            assert (
+                setup_project.main(
+                    [
+                        "--title",
+                        title,
+                        "--source",
+                        f"gs://{source_bucket}/images",
+                        "--target",
+                        f"gs://{target_bucket}/annotations",
+                        "--seg-url",
+                        segmentation.url,
+                        "--sam-url",
+                        sam.url,
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
+            assert (
+                import_gcs.main(
+                    [
+                        "--project",
+                        title,
+                        "--source",
+                        f"gs://{source_bucket}/images",
+                        "--manifest",
+                        f"gs://{source_bucket}/manifest.jsonl",
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
     output = printed.getvalue()
     assert f"imported:                {N_TASKS}" in output, output
     assert label_studio.token not in output
@@ -177,8 +221,17 @@ def gcs_project(label_studio, gcs_emulator, start_backend, shared_data, offline_
     assert sorted(task_of) == sorted(path.name for path in images)
     backends = {m.url.rstrip("/"): m for m in ls.ml.list(project=project.id)}
     assert set(backends) == {sam.url, segmentation.url}, sorted(backends)
-    return GcsProject(id=project.id, title=title, task_of=task_of, uri_of=uri_of, images=images, sam=sam,
-                      segmentation=segmentation, sam_ml_id=backends[sam.url].id, seconds=time.monotonic() - started)
+    return GcsProject(
+        id=project.id,
+        title=title,
+        task_of=task_of,
+        uri_of=uri_of,
+        images=images,
+        sam=sam,
+        segmentation=segmentation,
+        sam_ml_id=backends[sam.url].id,
+        seconds=time.monotonic() - started,
+    )
 
 
 # --------------------------------------------------------------------- tests
@@ -202,8 +255,10 @@ def test_smart_rectangle_on_a_gs_task_returns_the_nucleus(label_studio, gcs_proj
         mask = brush_mask(body["data"]["result"])
         assert mask.shape == truth.shape
         ious.append(iou(mask, truth))
-    print(f"smart rectangles on gs:// task {task_id}: IoU {[round(v, 3) for v in ious]}, "
-          f"seconds {[round(s, 2) for s in seconds]}")
+    print(
+        f"smart rectangles on gs:// task {task_id}: IoU {[round(v, 3) for v in ious]}, "
+        f"seconds {[round(s, 2) for s in seconds]}"
+    )
     assert min(ious) > MIN_PROMPT_IOU, ious
     assert "classic" in gcs_project.sam.health()["engine"]
 
@@ -224,24 +279,31 @@ def test_retrieve_predictions_on_gs_tasks_uses_the_offline_model(label_studio, g
     assert response.status_code == 200, response.text[:500]
     # The backend fetched each gs:// image through Label Studio's resolve endpoint just now.
     resolved_after = [resolve_requests(label_studio, t, gcs_project.uri_of[t]) for t in task_ids]
-    assert all(after > before for before, after in zip(resolved_before, resolved_after)), \
-        (resolved_before, resolved_after)
+    assert all(after > before for before, after in zip(resolved_before, resolved_after, strict=True)), (
+        resolved_before,
+        resolved_after,
+    )
 
     ious = []
-    for path, task_id in zip(gcs_project.images, task_ids):
+    for path, task_id in zip(gcs_project.images, task_ids, strict=True):
         listed = label_studio.http.get(f"{label_studio.url}/api/predictions/", params={"task": task_id}, timeout=30)
         assert listed.status_code == 200, listed.text[:300]
         served = [p for p in listed.json() if p["model_version"] == offline_model.version]
-        assert len(served) == 1, (task_id, [(p["model_version"], len(p["result"])) for p in listed.json()],
-                                  f"segmentation log: {gcs_project.segmentation.log_path}")
+        assert len(served) == 1, (
+            task_id,
+            [(p["model_version"], len(p["result"])) for p in listed.json()],
+            f"segmentation log: {gcs_project.segmentation.log_path}",
+        )
         prediction = served[0]
         assert 0.0 < prediction["score"] <= 1.0, prediction["score"]
         predicted = brush_mask(prediction["result"])
         assert predicted.shape == (SIDE, SIDE) and predicted.any()
         ious.append(iou(predicted, true_mask(shared_data, path)))
-    print(f"predictions of {offline_model.version} (trained offline: {offline_model.steps} steps, "
-          f"{offline_model.seconds:.0f} s) on gs:// tasks: IoU {[round(v, 3) for v in ious]}, "
-          f"retrieved in {retrieved_s:.1f} s; project set up in {gcs_project.seconds:.0f} s")
+    print(
+        f"predictions of {offline_model.version} (trained offline: {offline_model.steps} steps, "
+        f"{offline_model.seconds:.0f} s) on gs:// tasks: IoU {[round(v, 3) for v in ious]}, "
+        f"retrieved in {retrieved_s:.1f} s; project set up in {gcs_project.seconds:.0f} s"
+    )
     assert min(ious) > MIN_PREDICTION_IOU, ious  # an empty mask scores 0
     assert gcs_project.segmentation.health()["projects"][str(gcs_project.id)]["model_version"] == offline_model.version
 

@@ -6,6 +6,7 @@ annotations (brush masks from real ground truth, and a non-convex polygon) are s
 target bucket receives them; export_masks, from the API and from the bucket, reproduces exactly
 what was submitted (IoU 1.0 per class).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,35 @@ def u_polygon(height: int, width: int) -> tuple[dict, np.ndarray]:
     """A non-convex "U" polygon region (vertices on pixel corners, in percent) and its HxW bool mask."""
     top, bottom = height // 4, height // 2
     left, right = width // 4, 3 * width // 4
-    notch_left, notch_right, notch_bottom = left + (right - left) // 3, right - (right - left) // 3, top + (bottom - top) // 2
-    corners = [(left, top), (notch_left, top), (notch_left, notch_bottom), (notch_right, notch_bottom),
-               (notch_right, top), (right, top), (right, bottom), (left, bottom)]
-    region = {"id": "poly1", "type": "polygonlabels", "from_name": "polygon", "to_name": "image",
-              "original_width": width, "original_height": height, "image_rotation": 0,
-              "value": {"points": [[100.0 * x / width, 100.0 * y / height] for x, y in corners],
-                        "polygonlabels": ["Cell"], "closed": True}}
+    notch_left, notch_right, notch_bottom = (
+        left + (right - left) // 3,
+        right - (right - left) // 3,
+        top + (bottom - top) // 2,
+    )
+    corners = [
+        (left, top),
+        (notch_left, top),
+        (notch_left, notch_bottom),
+        (notch_right, notch_bottom),
+        (notch_right, top),
+        (right, top),
+        (right, bottom),
+        (left, bottom),
+    ]
+    region = {
+        "id": "poly1",
+        "type": "polygonlabels",
+        "from_name": "polygon",
+        "to_name": "image",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "points": [[100.0 * x / width, 100.0 * y / height] for x, y in corners],
+            "polygonlabels": ["Cell"],
+            "closed": True,
+        },
+    }
     mask = np.zeros((height, width), bool)
     mask[top:bottom, left:right] = True
     mask[top:notch_bottom, notch_left:notch_right] = False
@@ -84,13 +107,22 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
     manifest_rows = [{"image": name, **meta} for name, meta in list(metadata.items())[:-1]]
     manifest_rows.append({"image": "not-uploaded.png", "sample": "S9"})
     client.bucket(source_bucket).blob("manifest.jsonl").upload_from_string(
-        "\n".join(json.dumps(row) for row in manifest_rows) + "\n")
+        "\n".join(json.dumps(row) for row in manifest_rows) + "\n"
+    )
     last = images[-1].name
     client.bucket(source_bucket).blob(f"images/{Path(last).stem}.json").upload_from_string(json.dumps(metadata[last]))
 
     # --- setup_project, twice
-    setup_args = ["--title", title, "--source", f"gs://{source_bucket}/images", "--target",
-                  f"gs://{target_bucket}/annotations", "--skip-backends", "--no-progress"]
+    setup_args = [
+        "--title",
+        title,
+        "--source",
+        f"gs://{source_bucket}/images",
+        "--target",
+        f"gs://{target_bucket}/annotations",
+        "--skip-backends",
+        "--no-progress",
+    ]
     assert setup_project.main(setup_args) == 0
     first = capsys.readouterr().out
     assert first.count("created") == 3, first
@@ -104,8 +136,15 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
     assert label_studio.token not in first + second
 
     # --- import_gcs: dry run, import, import again
-    import_args = ["--project", title, "--source", f"gs://{source_bucket}/images",
-                   "--manifest", f"gs://{source_bucket}/manifest.jsonl", "--no-progress"]
+    import_args = [
+        "--project",
+        title,
+        "--source",
+        f"gs://{source_bucket}/images",
+        "--manifest",
+        f"gs://{source_bucket}/manifest.jsonl",
+        "--no-progress",
+    ]
     assert import_gcs.main(import_args + ["--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert f"would import:            {IMAGES}" in dry
@@ -147,8 +186,10 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
         expected[path.stem] = mask
 
     # --- the target bucket receives every annotation, as Label Studio writes it on submit
-    objects = {blob.name: json.loads(blob.download_as_bytes())
-               for blob in client.list_blobs(target_bucket, prefix="annotations/")}
+    objects = {
+        blob.name: json.loads(blob.download_as_bytes())
+        for blob in client.list_blobs(target_bucket, prefix="annotations/")
+    }
     stored_ids = {doc.get("id") for doc in objects.values()}
     assert set(submitted) <= stored_ids, (submitted, sorted(objects))
 

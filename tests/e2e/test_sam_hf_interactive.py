@@ -1,6 +1,7 @@
 """SAM 2.1 and SAM 3 (tiny random models saved locally) through a real Label Studio's labeling API:
 a smart rectangle returns the engine's mask for that box, and a smart TextArea's text prompt returns
 one region per instance the engine finds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,9 +54,14 @@ def project_with_backend(label_studio, start_backend, image_path, config, env):
 @pytest.mark.parametrize("engine", ["sam2", "sam3"])
 def test_a_smart_rectangle_returns_the_engines_mask(engine, checkpoints, label_studio, start_backend, shared_data):
     image_path = shared_data / "dsb2018" / "images" / f"{IMAGE_ID}.png"
-    truth = largest_inner_instances(np.asarray(Image.open(shared_data / "dsb2018" / "labels" / f"{IMAGE_ID}.png")), 1)[0]
+    truth = largest_inner_instances(np.asarray(Image.open(shared_data / "dsb2018" / "labels" / f"{IMAGE_ID}.png")), 1)[
+        0
+    ]
     backend, ml_id, task_id = project_with_backend(
-        label_studio, start_backend, image_path, SMART_ONLY_CONFIG,
+        label_studio,
+        start_backend,
+        image_path,
+        SMART_ONLY_CONFIG,
         {"SAM_ENGINE": engine, "SAM_CHECKPOINT": str(checkpoints[engine])},
     )
     region = rectangle_around(truth)
@@ -63,8 +69,8 @@ def test_a_smart_rectangle_returns_the_engines_mask(engine, checkpoints, label_s
     assert brush["value"]["brushlabels"] == ["Nucleus"]
     mask = decode_rle(brush["value"]["rle"], brush["original_height"], brush["original_width"]) > 0
 
-    from sam.engines import load_engine
     from backends.settings import Settings
+    from sam.engines import load_engine
 
     hf = load_engine(Settings(sam_engine=engine, sam_checkpoint=str(checkpoints[engine]), device="cpu"))
     pixels = decode_image(image_path.read_bytes(), 120_000_000)
@@ -76,16 +82,28 @@ def test_a_smart_rectangle_returns_the_engines_mask(engine, checkpoints, label_s
 def test_a_text_prompt_returns_one_region_per_instance(checkpoints, label_studio, start_backend, shared_data):
     image_path = shared_data / "dsb2018" / "images" / f"{IMAGE_ID}.png"
     backend, ml_id, task_id = project_with_backend(
-        label_studio, start_backend, image_path, TEXT_CONFIG,
-        {"SAM_ENGINE": "sam3", "SAM_CHECKPOINT": str(checkpoints["sam3"]), "SAM_TEXT_THRESHOLD": "0",
-         "SAM_TEXT_MAX_INSTANCES": "3"},
+        label_studio,
+        start_backend,
+        image_path,
+        TEXT_CONFIG,
+        {
+            "SAM_ENGINE": "sam3",
+            "SAM_CHECKPOINT": str(checkpoints["sam3"]),
+            "SAM_TEXT_THRESHOLD": "0",
+            "SAM_TEXT_MAX_INSTANCES": "3",
+        },
     )
-    text = {"type": "textarea", "value": {"text": ["nucleus"]}, "from_name": "prompt", "to_name": "image",
-            "origin": "manual"}
+    text = {
+        "type": "textarea",
+        "value": {"text": ["nucleus"]},
+        "from_name": "prompt",
+        "to_name": "image",
+        "origin": "manual",
+    }
     result = interactive(label_studio, ml_id, task_id, [text])
 
-    from sam.engines import load_engine
     from backends.settings import Settings
+    from sam.engines import load_engine
 
     hf = load_engine(Settings(sam_engine="sam3", sam_checkpoint=str(checkpoints["sam3"]), device="cpu"))
     pixels = decode_image(image_path.read_bytes(), 120_000_000)

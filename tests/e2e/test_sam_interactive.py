@@ -1,4 +1,5 @@
 """A smart rectangle drawn in Label Studio reaches the SAM backend and comes back as a brush mask."""
+
 from __future__ import annotations
 
 import numpy as np

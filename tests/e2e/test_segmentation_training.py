@@ -6,6 +6,7 @@ empty results and /health says so. Brush annotations made from the true nuclei m
 for some tasks, "Start training" is pressed through the API, and once the new version is served,
 predictions retrieved through Label Studio for the other tasks are compared with their true masks.
 """
+
 from __future__ import annotations
 
 import re
@@ -78,12 +79,19 @@ def wait_for_version(backend, project_key: str, deadline_s: float) -> tuple[dict
     while time.monotonic() < deadline:
         project_health = backend.health().get("projects", {}).get(project_key, {})
         assert project_health.get("state") != "failed", f"training failed: {project_health}; log: {backend.log_path}"
-        versions = [v for v in backend_get(backend, "/versions")["versions"]
-                    if v["project"] == project_key and v["current"]]
-        if versions and project_health.get("state") == "idle" and project_health.get("model_version") == versions[0]["version"]:
+        versions = [
+            v for v in backend_get(backend, "/versions")["versions"] if v["project"] == project_key and v["current"]
+        ]
+        if (
+            versions
+            and project_health.get("state") == "idle"
+            and project_health.get("model_version") == versions[0]["version"]
+        ):
             return versions[0], project_health
         time.sleep(2)
-    raise AssertionError(f"no trained version after {deadline_s:.0f} s; last health {project_health}; log: {backend.log_path}")
+    raise AssertionError(
+        f"no trained version after {deadline_s:.0f} s; last health {project_health}; log: {backend.log_path}"
+    )
 
 
 def test_training_from_annotations_then_predicting_the_rest(label_studio, start_backend, shared_data):
@@ -94,7 +102,7 @@ def test_training_from_annotations_then_predicting_the_rest(label_studio, start_
     project = ls.projects.create(title="segmentation training", label_config=LABEL_CONFIG)
     task_ids = label_studio.upload_files(project.id, images)
     annotated, held_out = task_ids[:N_ANNOTATED], task_ids[N_ANNOTATED:]
-    truth_of = dict(zip(task_ids, truths))
+    truth_of = dict(zip(task_ids, truths, strict=True))
     project_key = str(project.id)
 
     backend = start_backend("segmentation", env=BACKEND_ENV)
@@ -155,13 +163,18 @@ def test_training_from_annotations_then_predicting_the_rest(label_studio, start_
         accuracies.append(float((predicted == truth).mean()))
         background_accuracies.append(float((~truth).mean()))  # what an empty prediction scores
         foreground_only.append(iou(np.ones_like(truth), truth))  # what an all-nucleus prediction scores
-    print(f"IoU per held-out task: {[round(v, 3) for v in ious]}, mean {np.mean(ious):.3f}; "
-          f"pixel accuracy {np.mean(accuracies):.4f} vs empty {np.mean(background_accuracies):.4f}; "
-          f"val Dice {version['val_dice']['Nucleus']:.3f}; setup+annotate {annotated_at - started:.0f} s, "
-          f"training {trained_at - annotated_at:.0f} s, predictions {predicted_at - trained_at:.1f} s")
+    print(
+        f"IoU per held-out task: {[round(v, 3) for v in ious]}, mean {np.mean(ious):.3f}; "
+        f"pixel accuracy {np.mean(accuracies):.4f} vs empty {np.mean(background_accuracies):.4f}; "
+        f"val Dice {version['val_dice']['Nucleus']:.3f}; setup+annotate {annotated_at - started:.0f} s, "
+        f"training {trained_at - annotated_at:.0f} s, predictions {predicted_at - trained_at:.1f} s"
+    )
     assert np.mean(ious) >= MIN_MEAN_IOU, ious
     assert min(ious) >= MIN_IMAGE_IOU, ious
     # Clearly better than the trivial answers: nothing, or everything, is a nucleus.
     # Pixel errors: at least a quarter fewer than predicting no nucleus anywhere.
     assert 1 - np.mean(accuracies) < 0.75 * (1 - np.mean(background_accuracies)), (accuracies, background_accuracies)
-    assert all(model > trivial + 0.2 for model, trivial in zip(ious, foreground_only)), (ious, foreground_only)
+    assert all(model > trivial + 0.2 for model, trivial in zip(ious, foreground_only, strict=True)), (
+        ious,
+        foreground_only,
+    )

@@ -1,4 +1,5 @@
 """The real stack comes up on loopback: Label Studio, the GCS emulator, a connected backend."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def test_project_upload_and_backend_connection(label_studio, start_backend, tmp_
     assert len(task_ids) == 2
     tasks = {task.id: task for task in ls.tasks.list(project=project.id)}
     assert sorted(tasks) == sorted(task_ids)
-    for task_id, name in zip(task_ids, ["a.png", "b.png"]):
+    for task_id, name in zip(task_ids, ["a.png", "b.png"], strict=True):
         image = tasks[task_id].data["image"]
         assert image.startswith("/data/upload/") and image.endswith(name), image
 
@@ -68,7 +69,11 @@ def test_demo_starts_imports_and_stops(label_studio_installed_or_skip, tmp_path,
         assert demo.start(layout) == 0
         state = json.loads(layout.state_file.read_text())
         assert [service["name"] for service in state["services"]] == [
-            "fake-gcs-server", "label-studio", "segmentation", "sam"]
+            "fake-gcs-server",
+            "label-studio",
+            "segmentation",
+            "sam",
+        ]
         assert demo.status(layout) == 0
 
         from label_studio_sdk import LabelStudio
@@ -78,7 +83,8 @@ def test_demo_starts_imports_and_stops(label_studio_installed_or_skip, tmp_path,
         tasks = list(ls.tasks.list(project=project.id, resolve_uri=False))
         images, rows = demo.demo_dataset()
         assert sorted(task.data["image"] for task in tasks) == sorted(
-            f"gs://{demo.SOURCE_BUCKET}/images/{name}" for name in images)
+            f"gs://{demo.SOURCE_BUCKET}/images/{name}" for name in images
+        )
         assert {task.data["sample"] for task in tasks} == {row["sample"] for row in rows}
         backends = ls.ml.list(project=project.id)
         assert sorted(b.url for b in backends) == sorted(s["url"] for s in state["services"][2:])

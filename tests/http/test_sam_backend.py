@@ -4,6 +4,7 @@ Images come from a loopback HTTP server (allowed through IMAGE_ALLOWED_HOSTS) th
 ImageFetcher. Engines: the classic one, a tiny randomly initialised SAM, and a deterministic
 custom engine (SAM_ENGINE=module:Class) whose masks are known exactly.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,6 +26,7 @@ from tests.support.payloads import LABEL_CONFIG, POLYGON_CONFIG, task
 
 WIDTH, HEIGHT = 160, 120
 DISK_CENTRE, DISK_RADIUS = (70, 60), 25  # XY pixels
+
 
 def disk_png() -> tuple[bytes, np.ndarray]:
     rows, cols = np.ogrid[:HEIGHT, :WIDTH]
@@ -99,7 +101,11 @@ def wait_for_entries(client, count: int, timeout_s: float = 60.0) -> None:
 
 
 def masks_of(result: list[dict]) -> list[np.ndarray]:
-    return [decode_rle(r["value"]["rle"], r["original_height"], r["original_width"]) for r in result if r["type"] == "brushlabels"]
+    return [
+        decode_rle(r["value"]["rle"], r["original_height"], r["original_width"])
+        for r in result
+        if r["type"] == "brushlabels"
+    ]
 
 
 # Disk box (45..96, 35..86 px) in percent of 160x120.

@@ -2,6 +2,7 @@
 downloaded): masks equal the engine's own answer for the same prompt, an added click refines the
 region from its previous logits, text prompts give one region per instance, SAM_TEXT_PROMPTS
 pre-annotates every label, and SAM_OUTPUT picks the kind of region."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,11 @@ def checkpoints(tmp_path_factory):
 
 def client_for(engine: str, checkpoints, image_host, tmp_path, **settings) -> TestClient:
     fields = dict(
-        sam_engine=engine, sam_checkpoint=str(checkpoints[engine]), device="cpu",
-        image_allowed_hosts=(image_host.url.split("//")[1],), image_cache_dir=tmp_path / "cache",
+        sam_engine=engine,
+        sam_checkpoint=str(checkpoints[engine]),
+        device="cpu",
+        image_allowed_hosts=(image_host.url.split("//")[1],),
+        image_cache_dir=tmp_path / "cache",
         embedding_cache_mb=256,
     )
     fields.update(settings)
@@ -57,8 +61,14 @@ def client_for(engine: str, checkpoints, image_host, tmp_path, **settings) -> Te
 
 def rectangle(box=BOX, label="Nucleus"):
     x0, y0, x1, y1 = box
-    return payloads.rectangle(100 * x0 / WIDTH, 100 * y0 / HEIGHT, 100 * (x1 - x0) / WIDTH, 100 * (y1 - y0) / HEIGHT,
-                              label, original=(WIDTH, HEIGHT))
+    return payloads.rectangle(
+        100 * x0 / WIDTH,
+        100 * y0 / HEIGHT,
+        100 * (x1 - x0) / WIDTH,
+        100 * (y1 - y0) / HEIGHT,
+        label,
+        original=(WIDTH, HEIGHT),
+    )
 
 
 def keypoint(x, y, positive):
@@ -73,8 +83,11 @@ def predict(client, context, config=LABEL_CONFIG, url=None, task_id=1):
 
 
 def brush_masks(result):
-    return [decode_rle(r["value"]["rle"], r["original_height"], r["original_width"]) > 0
-            for r in result if r["type"] == "brushlabels"]
+    return [
+        decode_rle(r["value"]["rle"], r["original_height"], r["original_width"]) > 0
+        for r in result
+        if r["type"] == "brushlabels"
+    ]
 
 
 def engine_of(client):
@@ -109,7 +122,9 @@ def test_an_added_click_refines_the_region_from_its_previous_logits(engine, chec
 
 def test_a_text_prompt_gives_one_region_per_instance_with_the_matching_label(checkpoints, image_host, tmp_path):
     url = f"{image_host.url}/disk.png"
-    with client_for("sam3", checkpoints, image_host, tmp_path, sam_text_threshold=0.0, sam_text_max_instances=5) as client:
+    with client_for(
+        "sam3", checkpoints, image_host, tmp_path, sam_text_threshold=0.0, sam_text_max_instances=5
+    ) as client:
         text = {"type": "textarea", "value": {"text": ["cell"]}, "from_name": "prompt", "to_name": "image"}
         result = predict(client, {"result": [text]}, config=TEXT_CONFIG, url=url)
         hf = engine_of(client)
@@ -117,14 +132,18 @@ def test_a_text_prompt_gives_one_region_per_instance_with_the_matching_label(che
         assert len(instances) >= 1
         assert len(result) == len(instances)
         assert {r["value"]["brushlabels"][0] for r in result} == {"Cell"}
-        for region, instance in zip(result, instances):
+        for region, instance in zip(result, instances, strict=True):
             assert np.array_equal(decode_rle(region["value"]["rle"], HEIGHT, WIDTH) > 0, instance.mask)
 
 
 def test_text_prompt_pre_annotation_finds_every_label_when_a_task_opens(checkpoints, image_host, tmp_path):
     url = f"{image_host.url}/disk.png"
-    settings = dict(sam_text_prompts="labels", sam_text_threshold=0.0, sam_text_max_instances=3,
-                    sam_text_synonyms="Nucleus=nucleus|cell nucleus")
+    settings = dict(
+        sam_text_prompts="labels",
+        sam_text_threshold=0.0,
+        sam_text_max_instances=3,
+        sam_text_synonyms="Nucleus=nucleus|cell nucleus",
+    )
     with client_for("sam3", checkpoints, image_host, tmp_path, **settings) as client:
         result = predict(client, None, url=url)
         hf = engine_of(client)
@@ -146,11 +165,17 @@ def test_a_text_prompt_on_an_engine_without_a_concept_detector_is_a_clear_400(ch
         assert "no text prompts" in response.json()["error"]
 
 
-@pytest.mark.parametrize("mode, kinds", [("brush", {"brushlabels"}), ("polygon", {"polygonlabels"}),
-                                         ("both", {"brushlabels", "polygonlabels"})])
+@pytest.mark.parametrize(
+    "mode, kinds",
+    [("brush", {"brushlabels"}), ("polygon", {"polygonlabels"}), ("both", {"brushlabels", "polygonlabels"})],
+)
 def test_sam_output_chooses_the_kind_of_region(mode, kinds, image_host, tmp_path):
-    settings = Settings(sam_engine="classic", sam_output=mode, image_cache_dir=tmp_path / "cache",
-                        image_allowed_hosts=(image_host.url.split("//")[1],))
+    settings = Settings(
+        sam_engine="classic",
+        sam_output=mode,
+        image_cache_dir=tmp_path / "cache",
+        image_allowed_hosts=(image_host.url.split("//")[1],),
+    )
     with TestClient(create_app(SamBackend, settings), raise_server_exceptions=False) as client:
         result = predict(client, {"result": [rectangle()]}, config=POLYGON_CONFIG, url=f"{image_host.url}/disk.png")
         assert {r["type"] for r in result} == kinds

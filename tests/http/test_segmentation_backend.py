@@ -4,6 +4,7 @@ The stand-in serves what the backend reads from Label Studio: uploaded images (w
 checked), the project export (tasks with their annotations: brush RLE and polygons) and the
 project itself. The real Label Studio end to end test lives in tests/e2e.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,8 @@ from tests.support.http_host import PNG, Reply
 from tests.support.images import cells, png
 from tests.support.label_studio import LEGACY_TOKEN as TOKEN
 from tests.support.label_studio import FakeLabelStudio
-from tests.support.payloads import annotation, brush
 from tests.support.masks import iou
+from tests.support.payloads import annotation, brush
 
 SIZE = (72, 64)  # height, width
 CONFIG = """
@@ -40,9 +41,16 @@ CONFIG = """
 
 
 def square_polygon(label: str = "Nucleus") -> dict:
-    return {"id": "p1", "from_name": "poly", "to_name": "image", "type": "polygonlabels",
-            "original_width": SIZE[1], "original_height": SIZE[0], "image_rotation": 0,
-            "value": {"points": [[5, 5], [30, 5], [30, 30], [5, 30]], "polygonlabels": [label], "closed": True}}
+    return {
+        "id": "p1",
+        "from_name": "poly",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": SIZE[1],
+        "original_height": SIZE[0],
+        "image_rotation": 0,
+        "value": {"points": [[5, 5], [30, 5], [30, 30], [5, 30]], "polygonlabels": [label], "closed": True},
+    }
 
 
 class CellsLabelStudio(FakeLabelStudio):
@@ -67,10 +75,20 @@ class CellsLabelStudio(FakeLabelStudio):
             if task_id == 2:  # a polygon drawn on top (later region wins)
                 annotations[1]["result"].append(square_polygon())
             tasks.append(payloads.task(task_id, f"/data/upload/1/cells-{task_id}.png", annotations=annotations))
-        tasks.append(payloads.task(20, "/data/upload/1/cells-1.png", annotations=[
-            annotation(200, [brush(self.images[1][1], "Mitochondrion")], "2026-11-02T10:00:00Z")]))
-        tasks.append(payloads.task(21, "/data/upload/1/missing.png", annotations=[
-            annotation(210, [brush(self.images[1][1])], "2026-11-02T10:00:00Z")]))
+        tasks.append(
+            payloads.task(
+                20,
+                "/data/upload/1/cells-1.png",
+                annotations=[annotation(200, [brush(self.images[1][1], "Mitochondrion")], "2026-11-02T10:00:00Z")],
+            )
+        )
+        tasks.append(
+            payloads.task(
+                21,
+                "/data/upload/1/missing.png",
+                annotations=[annotation(210, [brush(self.images[1][1])], "2026-11-02T10:00:00Z")],
+            )
+        )
         self.exports[1] = tasks
 
 
@@ -83,8 +101,16 @@ def label_studio():
 @pytest.fixture
 def client(label_studio, tmp_path, one_thread):
     settings = dataclasses.replace(
-        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
-        image_cache_dir=tmp_path / "cache", train_every=2, train_minutes=0.15, val_fraction=0.25, device="cpu")
+        Settings(),
+        label_studio_url=label_studio.url,
+        label_studio_api_key=TOKEN,
+        model_dir=tmp_path / "models",
+        image_cache_dir=tmp_path / "cache",
+        train_every=2,
+        train_minutes=0.15,
+        val_fraction=0.25,
+        device="cpu",
+    )
     with TestClient(create_app(SegmentationBackend, settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -160,7 +186,7 @@ def test_start_training_then_predict(client, label_studio):
     assert "seg_validation_dice" in metrics and "seg_training_epoch" in metrics
 
     results = predict(client, [9, 10, 11])
-    for task_id, prediction in zip([9, 10, 11], results):
+    for task_id, prediction in zip([9, 10, 11], results, strict=True):
         assert prediction["model_version"] == version
         assert 0 < prediction["score"] <= 1
         brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]
@@ -187,8 +213,14 @@ def test_start_training_then_predict(client, label_studio):
 
 def test_restart_serves_the_saved_version(label_studio, tmp_path, one_thread):
     settings = dataclasses.replace(
-        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
-        image_cache_dir=tmp_path / "cache", train_minutes=0.05, device="cpu")
+        Settings(),
+        label_studio_url=label_studio.url,
+        label_studio_api_key=TOKEN,
+        model_dir=tmp_path / "models",
+        image_cache_dir=tmp_path / "cache",
+        train_minutes=0.05,
+        device="cpu",
+    )
     with TestClient(create_app(SegmentationBackend, settings)) as first:
         webhook(first, "START_TRAINING")
         assert wait_for_training(first)["state"] == "idle"
@@ -208,11 +240,21 @@ def test_seg_checkpoint_serves_an_offline_model_and_drops_labels_the_config_lack
         mask = truth.astype(np.uint8)
         mask[:, : SIZE[1] // 2] *= 2  # the left half's nuclei are "Mitochondrion"
         samples.append(Sample(f"s{task_id}", image, mask))
-    info = train(samples, ["Nucleus", "Mitochondrion"], tmp_path / "offline",
-                 TrainConfig(minutes=1, max_epochs=6, steps_per_epoch=10, batch_size=4, device="cpu"))
+    info = train(
+        samples,
+        ["Nucleus", "Mitochondrion"],
+        tmp_path / "offline",
+        TrainConfig(minutes=1, max_epochs=6, steps_per_epoch=10, batch_size=4, device="cpu"),
+    )
     settings = dataclasses.replace(
-        Settings(), label_studio_url=label_studio.url, label_studio_api_key=TOKEN, model_dir=tmp_path / "models",
-        seg_checkpoint=str(info.path), image_cache_dir=tmp_path / "cache", device="cpu")
+        Settings(),
+        label_studio_url=label_studio.url,
+        label_studio_api_key=TOKEN,
+        model_dir=tmp_path / "models",
+        seg_checkpoint=str(info.path),
+        image_cache_dir=tmp_path / "cache",
+        device="cpu",
+    )
     with TestClient(create_app(SegmentationBackend, settings)) as client:
         assert client.get("/health").json()["fallback_model"] == info.version
         results = predict(client, [1, 2, 9, 10])

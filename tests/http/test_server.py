@@ -42,8 +42,9 @@ def predict_body(tasks: list[dict], context: dict | None = None, label_config: s
     return payloads.predict_body(tasks, context, label_config)
 
 
-SMART_RECTANGLE = {"result": [payloads.rectangle(10.0, 20.0, 15.5, 12.25, original=(640, 480), id="a1b2c3",
-                                                 from_name="rect")]}
+SMART_RECTANGLE = {
+    "result": [payloads.rectangle(10.0, 20.0, 15.5, 12.25, original=(640, 480), id="a1b2c3", from_name="rect")]
+}
 KEYPOINT = {"result": [payloads.keypoint(30.0, 40.0, original=(640, 480), width=0.5, id="k1", from_name="kp")]}
 
 
@@ -333,9 +334,7 @@ def test_unknown_webhook_actions_are_ignored(client, toy):
 
 
 def test_a_failing_fit_is_logged_and_counted_and_the_server_keeps_serving(client, toy, caplog):
-    before = metric_value(
-        client.get("/metrics").text, "errors_total", endpoint="/webhook", kind="RuntimeError"
-    )
+    before = metric_value(client.get("/metrics").text, "errors_total", endpoint="/webhook", kind="RuntimeError")
     with caplog.at_level(logging.ERROR, logger="backends.server.app"):
         response = client.post("/webhook", json={"action": "ANNOTATION_DELETED", "project": ls_project()})
         assert response.status_code == 200
@@ -390,14 +389,8 @@ def test_two_apps_in_one_process_have_separate_metrics(model_class, label_studio
         make_client(ToyModel, FakeLabelStudio()) as second,
     ):
         first.get("/versions")
-        assert (
-            metric_value(first.get("/metrics").text, "requests_total", endpoint="/versions", status="200")
-            == 1
-        )
-        assert (
-            metric_value(second.get("/metrics").text, "requests_total", endpoint="/versions", status="200")
-            == 0
-        )
+        assert metric_value(first.get("/metrics").text, "requests_total", endpoint="/versions", status="200") == 1
+        assert metric_value(second.get("/metrics").text, "requests_total", endpoint="/versions", status="200") == 0
 
 
 # -- basic auth, body size ----------------------------------------------------------------------
@@ -476,9 +469,7 @@ def test_interactive_context_of_several_megabytes_is_accepted_by_default(client)
         ("/webhook", b'{"action": "START_TRAINING", "project": {"id": -1}}', 400, "project must be"),
     ],
 )
-def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(
-    client, path, body, status, fragment
-):
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(client, path, body, status, fragment):
     response = client.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
@@ -625,9 +616,9 @@ def test_real_server_answers_health_and_webhooks_while_a_prediction_is_slow(live
         assert toy.predict_calls, "the prediction never reached the model"
         started = time.perf_counter()
         assert http.get("/health", timeout=1).status_code == 200
-        assert http.post(
-            "/webhook", json={"action": "START_TRAINING", "project": ls_project()}, timeout=1
-        ).json() == {"status": "ok"}
+        assert http.post("/webhook", json={"action": "START_TRAINING", "project": ls_project()}, timeout=1).json() == {
+            "status": "ok"
+        }
         assert time.perf_counter() - started < 1.0
         toy.predict_gate.set()
         slow.join(10)

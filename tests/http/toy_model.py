@@ -109,9 +109,7 @@ class ToyModel(LabelStudioMLBase):
             label = "Nucleus"
             if context and context.get("result"):
                 region = context["result"][0]
-                label = region["value"].get(
-                    "rectanglelabels", region["value"].get("keypointlabels", [label])
-                )[0]
+                label = region["value"].get("rectanglelabels", region["value"].get("keypointlabels", [label]))[0]
             predictions.append(
                 {
                     "result": [

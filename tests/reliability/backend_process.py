@@ -3,6 +3,7 @@ free loopback port (devstack's spawn and wait), with an environment cleaned of b
 Studio settings, stdout and stderr captured in a file (scanned for secrets by test_security.py).
 Nothing leaves the machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,20 @@ from devstack.processes import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SETTING_PREFIXES = ("LABEL_STUDIO_", "BASIC_AUTH_", "SAM_", "SEG_", "IMAGE_", "GOOGLE_", "GCS_", "STORAGE_EMULATOR")
-_SETTING_NAMES = {"MODEL_DIR", "DEVICE", "LOG_LEVEL", "MAX_REQUEST_MB", "EMBEDDING_CACHE_MB", "TRAIN_EVERY",
-                  "TRAIN_MINUTES", "VAL_FRACTION", "HOST", "PORT", "USERNAME", "PASSWORD"}
+_SETTING_NAMES = {
+    "MODEL_DIR",
+    "DEVICE",
+    "LOG_LEVEL",
+    "MAX_REQUEST_MB",
+    "EMBEDDING_CACHE_MB",
+    "TRAIN_EVERY",
+    "TRAIN_MINUTES",
+    "VAL_FRACTION",
+    "HOST",
+    "PORT",
+    "USERNAME",
+    "PASSWORD",
+}
 
 
 def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Assertions every reliability test makes about an answer, whichever client produced it
 (starlette's TestClient or requests against a real process)."""
+
 from __future__ import annotations
 
 import re

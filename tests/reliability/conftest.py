@@ -4,6 +4,7 @@ with settings for tests (engines with known answers: tests/support/engines.py) a
 Tests that start real backend processes are marked `e2e` (the project's marker for backend
 processes on loopback); everything here binds port 0 and talks to 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
 import dataclasses

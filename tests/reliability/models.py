@@ -1,5 +1,6 @@
 """Model files for the reliability suite: a tiny segmentation version with a known answer, and
 checkpoints that run code when unpickled without `weights_only=True`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,11 +24,13 @@ def save_constant_segmentation_model(model_dir: Path, labels: tuple[str, ...] = 
     for name, tensor in state.items():
         if tensor.is_floating_point():
             state[name] = torch.ones_like(tensor) if name.endswith("running_var") else torch.zeros_like(tensor)
-    last_bias = [name for name, tensor in state.items() if name.endswith("bias") and tensor.shape == (config.n_classes,)][-1]
+    last_bias = [
+        name for name, tensor in state.items() if name.endswith("bias") and tensor.shape == (config.n_classes,)
+    ][-1]
     bias = torch.zeros(config.n_classes)
     bias[answer] = 8.0
     state[last_bias] = bias
-    info = save_version(Path(model_dir), state, labels, config, metrics={"val_dice": {label: 0.5 for label in labels}})
+    info = save_version(Path(model_dir), state, labels, config, metrics={"val_dice": dict.fromkeys(labels, 0.5)})
     return info.path
 
 

@@ -7,6 +7,7 @@ fault tests (both marked e2e).
 - requests as Label Studio sends them (`seg_predict`, `start_training`), and `project_state`;
 - `check_own_mask`: a SAM answer is exactly the deterministic engine's for that image and prompt.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,13 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
 
 def launch(name: str, env: dict[str, str], home: Path) -> Backend:
     """Start `python -m <name>` on a free loopback port, one torch thread, logs under `home`."""
-    base = {"IMAGE_CACHE_DIR": str(home / "image-cache"), "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1",
-            "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}
+    base = {
+        "IMAGE_CACHE_DIR": str(home / "image-cache"),
+        "LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",
+        "LABEL_STUDIO_URL": "",
+        "LABEL_STUDIO_API_KEY": "",
+    }
     return start_backend(name, {**base, **env}, home / f"{name}.log", timeout=90)
 
 
@@ -65,16 +71,23 @@ class StandInLabelStudio(FakeLabelStudio):
     truth. Everything but /health needs the legacy token (`legacy_token`).
     """
 
-    def __init__(self, images: dict[int, tuple[np.ndarray, np.ndarray]], annotated: set[int],
-                 label_config: str = SEG_CONFIG):
+    def __init__(
+        self, images: dict[int, tuple[np.ndarray, np.ndarray]], annotated: set[int], label_config: str = SEG_CONFIG
+    ):
         super().__init__()
         self.images = images
         self.projects[1] = label_config
         for task_id, (image, _) in images.items():
             self.files[self.upload_path(task_id)] = Reply(200, png(image), PNG)
         self.exports[1] = [
-            self.task(task_id) | {"annotations": [payloads.annotation(
-                10 * task_id, [payloads.brush(images[task_id][1], region_id=f"r{10 * task_id}")])]}
+            self.task(task_id)
+            | {
+                "annotations": [
+                    payloads.annotation(
+                        10 * task_id, [payloads.brush(images[task_id][1], region_id=f"r{10 * task_id}")]
+                    )
+                ]
+            }
             for task_id in sorted(annotated)
         ]
         self.start()
@@ -97,8 +110,14 @@ def seed_model(model_dir: Path, labels: tuple[str, ...] = ("Nucleus",)) -> str:
 
     torch.manual_seed(0)
     config = NetworkConfig(n_classes=len(labels) + 1)
-    info = save_version(model_dir / "project-1", build_network(config).state_dict(), labels=labels, network=config,
-                        metrics={"val_dice": {label: None for label in labels}}, training={"seeded_by": "test"})
+    info = save_version(
+        model_dir / "project-1",
+        build_network(config).state_dict(),
+        labels=labels,
+        network=config,
+        metrics={"val_dice": dict.fromkeys(labels)},
+        training={"seeded_by": "test"},
+    )
     return info.version
 
 
@@ -113,8 +132,9 @@ def project_state(client: requests.Session, backend: Backend) -> dict:
 
 def start_training(client: requests.Session, backend: Backend) -> None:
     began = time.monotonic()
-    response = client.post(f"{backend.url}/webhook", json=payloads.webhook_body("START_TRAINING", config=SEG_CONFIG),
-                           timeout=5)
+    response = client.post(
+        f"{backend.url}/webhook", json=payloads.webhook_body("START_TRAINING", config=SEG_CONFIG), timeout=5
+    )
     assert response.status_code == 200 and response.json()["status"] == "ok", response.text
     assert time.monotonic() - began < 1.0, "Label Studio waits 1 s for a webhook"
 
@@ -132,8 +152,10 @@ def check_own_mask(click: Click) -> str | None:
     if region["type"] != "brushlabels" or region["value"]["brushlabels"] != ["Nucleus"]:
         return f"wrong region type or label: {region['type']} {region['value'].get('brushlabels')}"
     if (region["original_width"], region["original_height"]) != (image.width, image.height):
-        return (f"region is for a {region['original_width']}x{region['original_height']} image, "
-                f"this one is {image.width}x{image.height}")
+        return (
+            f"region is for a {region['original_width']}x{region['original_height']} image, "
+            f"this one is {image.width}x{image.height}"
+        )
     signature = image_signature(image.pixels)
     mask = decode_rle(region["value"]["rle"], image.height, image.width)
     expected = expected_mask(signature, image.height, image.width, prompt.box, prompt.points, prompt.point_labels)

@@ -17,6 +17,7 @@
 Settings are built with `Settings.from_env`, so the same tests run (and fail) against code that
 lacks the limits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,14 @@ WHOLE_IMAGE = payloads.rectangle(0, 0, 100, 100)
 
 def settings_for(tmp: Path, env: dict[str, str] | None = None, **fields) -> Settings:
     """In-process backend settings from `env` (variables unknown to the code are ignored) plus fields."""
-    defaults = dict(image_cache_dir=tmp / "image-cache", model_dir=tmp / "models", image_fetch_timeout_s=5.0,
-                    image_fetch_retries=0, embedding_cache_mb=64, device="cpu")
+    defaults = dict(
+        image_cache_dir=tmp / "image-cache",
+        model_dir=tmp / "models",
+        image_fetch_timeout_s=5.0,
+        image_fetch_retries=0,
+        embedding_cache_mb=64,
+        device="cpu",
+    )
     return dataclasses.replace(Settings.from_env(env or {}), **(defaults | fields))
 
 
@@ -80,8 +87,9 @@ def measure_in_subprocess(script: str, *args: str, timeout_s: float = 90) -> dic
     prints one JSON line last."""
     script = PEAK_MB + script
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          timeout=timeout_s, env=env, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO_ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -264,20 +272,29 @@ def test_decoded_pixels_held_at_once_stay_within_the_decode_budget(tmp_path, mon
     live = LiveDecodes(backends.images.fetcher.decode_image)
     monkeypatch.setattr(backends.images.fetcher, "decode_image", live)
     with HttpHost(megapixel_pngs(8)) as host:
-        settings = settings_for(tmp_path, {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "2", "DECODE_WAIT_TIMEOUT": "30"},
-                                sam_engine=HOLDING_ENGINE, image_allowed_hosts=(host.netloc,))
+        settings = settings_for(
+            tmp_path,
+            {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "2", "DECODE_WAIT_TIMEOUT": "30"},
+            sam_engine=HOLDING_ENGINE,
+            image_allowed_hosts=(host.netloc,),
+        )
         with sam_client(settings) as client:
             answers = post_concurrently(client, [f"{host.url}/big-{index}.png" for index in range(8)])
-            assert all(answer is not None and answer.status_code == 200 for answer in answers), \
-                [describe(answer) for answer in answers if answer is not None and answer.status_code != 200]
+            assert all(answer is not None and answer.status_code == 200 for answer in answers), [
+                describe(answer) for answer in answers if answer is not None and answer.status_code != 200
+            ]
     # One image's worth of slack: a finished request frees its pixels just after its reservation.
     assert live.peak <= 3_000_000, f"{live.peak / 1e6:.1f} MP decoded at once"
 
 
 def test_a_decode_that_cannot_get_memory_in_time_is_answered_503_and_the_server_serves_on(tmp_path):
     with HttpHost(megapixel_pngs(2)) as host:
-        settings = settings_for(tmp_path, {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "1", "DECODE_WAIT_TIMEOUT": "0.2"},
-                                sam_engine=HOLDING_ENGINE, image_allowed_hosts=(host.netloc,))
+        settings = settings_for(
+            tmp_path,
+            {"DECODE_MAX_INFLIGHT_MEGAPIXELS": "1", "DECODE_WAIT_TIMEOUT": "0.2"},
+            sam_engine=HOLDING_ENGINE,
+            image_allowed_hosts=(host.netloc,),
+        )
         HoldingEngine.hold_s = 1.0
         try:
             with sam_client(settings) as client:
@@ -339,11 +356,15 @@ def test_a_fragmented_prediction_is_left_out_of_the_answer_with_a_note(tmp_path,
     import segmentation.model
 
     height, width = 1000, 1000
-    monkeypatch.setattr(segmentation.model, "segment_images",
-                        lambda network, images, device, **kwargs: [speckled_segmentation(height, width)])
+    monkeypatch.setattr(
+        segmentation.model,
+        "segment_images",
+        lambda network, images, device, **kwargs: [speckled_segmentation(height, width)],
+    )
     with HttpHost({"/scan.png": encode(Image.new("RGB", (width, height)))}) as host:
-        settings = settings_for(tmp_path, {"SEG_MAX_RLE_MB": "0.5"}, seg_checkpoint=str(constant_model),
-                                image_allowed_hosts=(host.netloc,))
+        settings = settings_for(
+            tmp_path, {"SEG_MAX_RLE_MB": "0.5"}, seg_checkpoint=str(constant_model), image_allowed_hosts=(host.netloc,)
+        )
         with segmentation_client(settings) as client:
             response = client.post("/predict", json=payloads.predict_body([payloads.task(1, f"{host.url}/scan.png")]))
     assert response.status_code == 200, describe(response)
@@ -403,8 +424,9 @@ def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypat
             tracemalloc.start()
             try:
                 held["before"] = tracemalloc.get_traced_memory()[0]
-                response = client.post("/webhook", json={"action": "START_TRAINING",
-                                                         "project": {"id": 1, "label_config": TRAINING_CONFIG}})
+                response = client.post(
+                    "/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": TRAINING_CONFIG}}
+                )
                 assert response.status_code in (200, 201), describe(response)
                 deadline = time.monotonic() + 60
                 while "bytes" not in held and time.monotonic() < deadline:
@@ -417,7 +439,9 @@ def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypat
                 time.sleep(0.05)
     assert held.get("samples") == TASKS, held
     decoded_mb = TASKS * TASK_SIDE * TASK_SIDE * 4 / 2**20
-    assert held["bytes"] < 0.1 * decoded_mb * 2**20, f"{held['bytes'] / 2**20:.1f} MB held of {decoded_mb:.0f} MB decoded"
+    assert held["bytes"] < 0.1 * decoded_mb * 2**20, (
+        f"{held['bytes'] / 2**20:.1f} MB held of {decoded_mb:.0f} MB decoded"
+    )
     assert state.get("state") == "failed" and "probe" in state.get("error", "")
     # The run's decoded samples lived under the project's folder and are gone with the run.
     assert any(name.startswith(".training-samples-") for name in held["dirs"])
@@ -461,10 +485,13 @@ def test_tiled_inference_places_and_weights_windows_exactly_as_monai_does():
     for size in [(1000, 900), (512, 512), (513, 4000), (96, 128), (3000, 777), (17, 33)]:
         roi = (min(512, -(-size[0] // 16) * 16), min(512, -(-size[1] // 16) * 16))
         padded = (max(size[0], roi[0]), max(size[1], roi[1]))
-        interval = tuple(r if r == s else max(int(r * 0.75), 1) for r, s in zip(roi, padded))
+        interval = tuple(r if r == s else max(int(r * 0.75), 1) for r, s in zip(roi, padded, strict=True))
         expected = [(int(rows.start), int(cols.start)) for rows, cols in dense_patch_slices(padded, roi, interval)]
-        ours = [(top, left) for top in window_starts(padded[0], roi[0], 0.25)
-                for left in window_starts(padded[1], roi[1], 0.25)]
+        ours = [
+            (top, left)
+            for top in window_starts(padded[0], roi[0], 0.25)
+            for left in window_starts(padded[1], roi[1], 0.25)
+        ]
         assert ours == expected, size
         weights = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32)
         assert torch.equal(gaussian_importance(roi, torch.device("cpu")), weights), roi

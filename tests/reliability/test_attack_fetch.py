@@ -13,6 +13,7 @@
 - Answers: a password in LABEL_STUDIO_URL never appears in an error answer or /health.
 - A 403 from Label Studio's local-files endpoint names local file serving, not the token.
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,8 @@ from backends.errors import ForbiddenImageSource, ImageUnavailable
 from backends.images import sources as image_sources
 from backends.images.fetcher import ImageFetcher
 from backends.label_studio.auth import LabelStudioAuth
-from backends.server.model_base import LabelStudioMLBase, ModelResponse
 from backends.server.app import create_app
+from backends.server.model_base import LabelStudioMLBase, ModelResponse
 from backends.settings import Settings
 from tests.reliability.checks import check_answer, describe
 from tests.reliability.conftest import base_settings, segmentation_client
@@ -155,8 +156,10 @@ def test_the_metadata_block_cannot_be_bypassed_with_a_backslash(attacker, tmp_pa
     monkeypatch.setattr(urllib3.util.connection, "create_connection", recording_connect)
     with HttpHost({"/good.png": LS_PNG}) as images:
         fetcher = make_fetcher(tmp_path, image_allowed_hosts=(images.netloc,))
-        for uri in (f"http://169.254.169.254\\@{images.netloc}/latest/meta-data/",
-                    f"http://127.0.0.1:{attacker.port}\\@{images.netloc}/good.png"):
+        for uri in (
+            f"http://169.254.169.254\\@{images.netloc}/latest/meta-data/",
+            f"http://127.0.0.1:{attacker.port}\\@{images.netloc}/good.png",
+        ):
             with pytest.raises(ForbiddenImageSource):
                 fetcher.fetch_bytes(uri, 1)
         assert fetcher.fetch_bytes(f"{images.url}/good.png", 1) == LS_PNG  # the allowed host still works
@@ -199,7 +202,9 @@ def test_a_setup_hostname_with_a_backslash_never_reaches_the_training_export(ls,
     sneaky = f"http://127.0.0.1:{attacker.port}\\@{host_of(ls.url)}"
     with segmentation_client(settings) as client:
         assert client.post("/setup", json=payloads.setup_body(hostname=sneaky)).status_code == 200
-        client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": payloads.LABEL_CONFIG}})
+        client.post(
+            "/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": payloads.LABEL_CONFIG}}
+        )
         give_up = time.monotonic() + 8
         while time.monotonic() < give_up and not attacker.requests:
             training = client.get("/health").json().get("projects", {}).get("1", {})
@@ -220,21 +225,35 @@ def test_export_masks_fetches_images_through_the_same_guard(ls, attacker):
     assert attacker.requests == []
 
 
-@pytest.mark.parametrize("url", [
-    "http://h:1\\@ls:2/x", "http://a@b@c/x", "http://user:pw@ls/x", "http://ls\t/x", "http://ls /x",
-    "http://xn--ls-\u00e9.example/x", "http://ls:0/x", "http://ls:99999/x", "http://[::1%25eth0]/x", "http://ls:/x",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h:1\\@ls:2/x",
+        "http://a@b@c/x",
+        "http://user:pw@ls/x",
+        "http://ls\t/x",
+        "http://ls /x",
+        "http://xn--ls-\u00e9.example/x",
+        "http://ls:0/x",
+        "http://ls:99999/x",
+        "http://[::1%25eth0]/x",
+        "http://ls:/x",
+    ],
+)
 def test_urls_parsers_could_read_differently_are_refused(url):
     with pytest.raises(ForbiddenImageSource):
         image_sources.parse_fetch_url(url)
 
 
-@pytest.mark.parametrize("url, origin", [
-    ("http://LS.example:8080/data/upload/a b.png", ("http", "ls.example", 8080)),
-    ("https://cdn.example/a.png?d=C:\\images\\a.png", ("https", "cdn.example", 443)),
-    ("http://[::1]:9000/a.png#frag", ("http", "::1", 9000)),
-    ("http://label_studio:8080/data/local-files/?d=x/y.png", ("http", "label_studio", 8080)),
-])
+@pytest.mark.parametrize(
+    "url, origin",
+    [
+        ("http://LS.example:8080/data/upload/a b.png", ("http", "ls.example", 8080)),
+        ("https://cdn.example/a.png?d=C:\\images\\a.png", ("https", "cdn.example", 443)),
+        ("http://[::1]:9000/a.png#frag", ("http", "::1", 9000)),
+        ("http://label_studio:8080/data/local-files/?d=x/y.png", ("http", "label_studio", 8080)),
+    ],
+)
 def test_plain_urls_are_parsed_to_the_origin_they_connect_to(url, origin):
     target = image_sources.parse_fetch_url(url)
     assert target.origin == origin and "#" not in target.url
@@ -254,10 +273,14 @@ def test_a_later_setup_cannot_move_label_studio_or_swap_its_token(ls, attacker, 
         health = client.get("/health")
     assert response.status_code == 200, describe(response)
     assert attacker.requests == [], f"{len(attacker.requests)} fetch(es) went to the hijacker"
-    assert [r.headers.get("Authorization") for r in ls.server.requests if r.path == "/data/upload/1/a.png"] \
-        == [f"Token {ls.legacy_token}"]
-    assert health.json()["label_studio_setup"] == {"url_from": "first /setup", "refused_hostnames": 1,
-                                                   "refused_tokens": 1}
+    assert [r.headers.get("Authorization") for r in ls.server.requests if r.path == "/data/upload/1/a.png"] == [
+        f"Token {ls.legacy_token}"
+    ]
+    assert health.json()["label_studio_setup"] == {
+        "url_from": "first /setup",
+        "refused_hostnames": 1,
+        "refused_tokens": 1,
+    }
     assert ls.legacy_token not in health.text and attacker_token not in health.text
 
 
@@ -275,8 +298,9 @@ def test_cached_bytes_are_never_served_for_another_origin_even_after_a_restart(l
     hijacked = ImageFetcher(base_settings(tmp_path, label_studio_api_key=ls.legacy_token, **cache))
     hijacked.label_studio.configure(hostname=attacker.url)  # the attacker's /setup came first
     assert hijacked.fetch_bytes("/data/upload/1/a.png", 1) == ATTACKER_PNG
-    restarted = ImageFetcher(base_settings(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token,
-                                           **cache))
+    restarted = ImageFetcher(
+        base_settings(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token, **cache)
+    )
     assert restarted.fetch_bytes("/data/upload/1/a.png", 1) == LS_PNG, "the attacker's cached bytes were served"
     assert restarted.cache_key("/data/upload/1/a.png", 1) != hijacked.cache_key("/data/upload/1/a.png", 1)
 
@@ -289,8 +313,13 @@ def test_a_host_dripping_one_byte_per_second_is_cut_at_the_deadline(tmp_path, pa
     deadline_s = 2.0
     outcome: list = []
     with drip_host(part) as drip:
-        fetcher = make_fetcher(tmp_path, image_allowed_hosts=(drip.netloc,), image_fetch_timeout_s=1.5,
-                               image_fetch_retries=2, image_fetch_deadline_s=deadline_s)
+        fetcher = make_fetcher(
+            tmp_path,
+            image_allowed_hosts=(drip.netloc,),
+            image_fetch_timeout_s=1.5,
+            image_fetch_retries=2,
+            image_fetch_deadline_s=deadline_s,
+        )
 
         def fetch():
             try:
@@ -313,9 +342,16 @@ def test_slow_hosts_cannot_starve_requests_for_other_hosts(tmp_path):
     slow_requests, per_host = 42, 4
     answers: list[int] = []
     with drip_host("body") as drip, HttpHost({"/good.png": LS_PNG}) as images:
-        settings = base_settings(tmp_path, image_allowed_hosts=(drip.netloc, images.netloc), image_fetch_timeout_s=2,
-                                 image_fetch_deadline_s=2, image_fetch_per_host=per_host, image_fetch_queue_wait_s=0.3)
+        settings = base_settings(
+            tmp_path,
+            image_allowed_hosts=(drip.netloc, images.netloc),
+            image_fetch_timeout_s=2,
+            image_fetch_deadline_s=2,
+            image_fetch_per_host=per_host,
+            image_fetch_queue_wait_s=0.3,
+        )
         with fetch_only_client(settings) as client:
+
             def slow(task_id: int) -> None:
                 answers.append(predict(client, f"{drip.url}/slow-{task_id}.png", task_id).status_code)
 
@@ -325,8 +361,9 @@ def test_slow_hosts_cannot_starve_requests_for_other_hosts(tmp_path):
             time.sleep(0.5)  # let them fill what they can
             good: list = []
             started = time.monotonic()
-            probe = threading.Thread(target=lambda: good.append(predict(client, f"{images.url}/good.png", 999)),
-                                     daemon=True)
+            probe = threading.Thread(
+                target=lambda: good.append(predict(client, f"{images.url}/good.png", 999)), daemon=True
+            )
             probe.start()
             probe.join(timeout=6)
             waited = time.monotonic() - started
@@ -360,8 +397,9 @@ def test_every_error_answer_is_redacted_like_a_log_line():
     from backends.server.guard import error_response
 
     token = "0123456789abcdef0123456789abcdef01234567"
-    answer = error_response(400, f"bad: Authorization: Token {token} at http://u:secret-pw@h/x",
-                            details=[{"field": f"token={token}"}])
+    answer = error_response(
+        400, f"bad: Authorization: Token {token} at http://u:secret-pw@h/x", details=[{"field": f"token={token}"}]
+    )
     assert token not in answer.body.decode() and "secret-pw" not in answer.body.decode()
 
 
@@ -370,7 +408,8 @@ def test_every_error_answer_is_redacted_like_a_log_line():
 
 def test_a_403_from_local_files_names_local_file_serving_not_the_token(ls, tmp_path):
     ls.files["/data/local-files/?d=images/a.png"] = Reply(
-        403, b"Serving local files can be dangerous, so it's disabled by default.", {"Content-Type": "text/html"})
+        403, b"Serving local files can be dangerous, so it's disabled by default.", {"Content-Type": "text/html"}
+    )
     fetcher = make_fetcher(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
     with pytest.raises(ImageUnavailable) as info:
         fetcher.fetch_bytes("/data/local-files/?d=images/a.png", 1)

@@ -11,6 +11,7 @@ process (starlette TestClient) with a fake image source and a gated engine or a 
 - label configs: size and depth caps, and parsing linear in the size;
 - basic auth half configured: the backend refuses to start.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -179,8 +180,10 @@ def test_metric_series_of_evicted_projects_are_removed(tmp_path):
         for project in range(1, 41):
             response = client.post("/webhook", json=webhook_body("START_TRAINING", project))
             assert response.status_code == 200, describe(response)
-            wait_until(lambda key=str(project): client.get("/health").json()["projects"].get(key, {}).get("state") == "failed",
-                       what=f"project {project}'s run to fail")
+            wait_until(
+                lambda key=str(project): client.get("/health").json()["projects"].get(key, {}).get("state") == "failed",
+                what=f"project {project}'s run to fail",
+            )
         metrics = client.get("/metrics").text
         listed = project_labels(metrics, "seg_training_runs_total")
         assert 0 < len(listed) <= 32, f"{len(listed)} projects in /metrics"
@@ -204,7 +207,9 @@ def test_start_training_for_many_projects_runs_one_at_a_time_and_refuses_beyond_
     model_class = slow_training_class()
     with segmentation_app(tmp_path, model_class) as client:
         try:
-            answers = [client.post("/webhook", json=webhook_body("START_TRAINING", project)) for project in range(1, 13)]
+            answers = [
+                client.post("/webhook", json=webhook_body("START_TRAINING", project)) for project in range(1, 13)
+            ]
             duplicate = client.post("/webhook", json=webhook_body("START_TRAINING", 5))
             time.sleep(0.3)  # the old server started a thread per project: give them time to show
             peak = model_class.peak
@@ -244,8 +249,10 @@ def test_a_project_that_is_training_is_not_evicted(tmp_path):
 
 
 def big_tasks(first_id: int, count: int, note_bytes: int) -> list[dict]:
-    return [payloads.task(first_id + i, f"/data/upload/1/t{first_id + i}.png",
-                          meta={"note": "x" * note_bytes}) for i in range(count)]
+    return [
+        payloads.task(first_id + i, f"/data/upload/1/t{first_id + i}.png", meta={"note": "x" * note_bytes})
+        for i in range(count)
+    ]
 
 
 def test_tasks_created_bodies_are_not_kept_while_prewarms_wait_and_a_full_queue_answers_429(tmp_path):
@@ -257,8 +264,11 @@ def test_tasks_created_bodies_are_not_kept_while_prewarms_wait_and_a_full_queue_
             before = tracemalloc.get_traced_memory()[0]
             answers = []  # (status, body): a kept response would keep its 2 MB request too
             for project in range(1, 7):  # 6 x 20 tasks of 100 KB: 12 MB of bodies
-                body = {"action": "TASKS_CREATED", "tasks": big_tasks(project * 100, 20, 100_000),
-                        "project": {"id": project, "label_config": payloads.LABEL_CONFIG}}
+                body = {
+                    "action": "TASKS_CREATED",
+                    "tasks": big_tasks(project * 100, 20, 100_000),
+                    "project": {"id": project, "label_config": payloads.LABEL_CONFIG},
+                }
                 response = client.post("/webhook", json=body)
                 check_answer(response)
                 answers.append((response.status_code, response.json()))
@@ -294,8 +304,10 @@ def test_a_generic_model_gets_429_when_the_background_queue_is_full(tmp_path):
 
 
 def click(client, task_id: int, project: str = payloads.PROJECT):
-    body = payloads.predict_body([payloads.task(task_id, f"/data/upload/1/a{task_id}.png")],
-                                 {"result": [payloads.rectangle(10, 10, 50, 50, original=(WIDTH, HEIGHT))]})
+    body = payloads.predict_body(
+        [payloads.task(task_id, f"/data/upload/1/a{task_id}.png")],
+        {"result": [payloads.rectangle(10, 10, 50, 50, original=(WIDTH, HEIGHT))]},
+    )
     return client.post("/predict", json=body | {"project": project})
 
 
@@ -357,7 +369,6 @@ def nested_config(depth: int) -> str:
     has the label."""
     opening = "".join(f'<Brush name="b{i}" toName="image">' for i in range(depth))
     return f'<View><Image name="image" value="$image"/>{opening}<Label value="Nucleus"/>{"</Brush>" * depth}</View>'
-
 
 
 def wide_config(kib: int) -> str:
@@ -434,11 +445,20 @@ def test_half_configured_basic_auth_refuses_to_start(tmp_path, user, password, n
 
 
 def test_the_cli_says_what_is_wrong_and_exits_non_zero_on_half_configured_basic_auth(tmp_path):
-    env = clean_environment({"BASIC_AUTH_PASS": "s3cret", "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
-                             "SAM_ENGINE": "classic"})
+    env = clean_environment(
+        {"BASIC_AUTH_PASS": "s3cret", "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "SAM_ENGINE": "classic"}
+    )
     try:
-        done = subprocess.run([sys.executable, "-m", "sam", "--host", "127.0.0.1", "--port", "0"], check=False, cwd=REPO_ROOT,
-                              env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [sys.executable, "-m", "sam", "--host", "127.0.0.1", "--port", "0"],
+            check=False,
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the backend started serving with BASIC_AUTH_PASS but no BASIC_AUTH_USER")
     assert done.returncode != 0

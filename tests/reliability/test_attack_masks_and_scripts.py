@@ -5,8 +5,10 @@ Memory-hungry cases run in a child process with a data-size limit (RLIMIT_DATA),
 unbounded rasteriser fails the test with a MemoryError instead of taking gigabytes from the
 machine; the child reports its peak Python-traced allocation (tracemalloc counts numpy buffers).
 """
+
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shlex
@@ -31,7 +33,6 @@ CHILD_DATA_LIMIT = 1024 * 1024 * 1024  # bytes of heap + private mappings the ch
 
 
 # --------------------------------------------------------------------- helpers: polygons
-POLYGON_HELPERS = '''
 def zigzag_percent(vertices, height, width):
     """A polygon (percent points) whose every edge but two spans the image's full height."""
     n = vertices - 2
@@ -43,10 +44,12 @@ def zigzag_percent(vertices, height, width):
 
 def polygon_result(points):
     return {"type": "polygonlabels", "id": "zz", "value": {"points": points, "polygonlabels": ["Cell"]}}
-'''
-exec(POLYGON_HELPERS)  # the same helpers here and in the child process of `run_isolated`
 
-CHILD_PROGRAM = '''
+
+# The same helpers in the child process of `run_isolated`, from their source.
+POLYGON_HELPERS = "\n\n".join(inspect.getsource(helper) for helper in (zigzag_percent, polygon_result))
+
+CHILD_PROGRAM = """
 import json, resource, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_DATA, (@LIMIT@, @LIMIT@))
 import numpy as np
@@ -62,17 +65,21 @@ except MemoryError:
 outcome["seconds"] = time.process_time() - started
 outcome["peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
 print(json.dumps(outcome))
-'''
+"""
 
 
 def run_isolated(body: str, timeout_s: float = 60) -> dict:
     """Run `body` (Python that sets `result`) in a child limited to CHILD_DATA_LIMIT bytes of data;
     returns {"result", "peak_mb" (tracemalloc), "seconds" (CPU)}, or {"error": "MemoryError", ...}."""
-    program = (CHILD_PROGRAM.replace("@LIMIT@", str(CHILD_DATA_LIMIT)).replace("@HELPERS@", POLYGON_HELPERS)
-               .replace("@BODY@", textwrap.indent(textwrap.dedent(body).strip(), "    ")))
+    program = (
+        CHILD_PROGRAM.replace("@LIMIT@", str(CHILD_DATA_LIMIT))
+        .replace("@HELPERS@", POLYGON_HELPERS)
+        .replace("@BODY@", textwrap.indent(textwrap.dedent(body).strip(), "    "))
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CODE_ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=timeout_s,
-                           cwd=CODE_ROOT, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=timeout_s, cwd=CODE_ROOT, env=env
+    )
     lines = child.stdout.strip().splitlines()
     assert lines, f"the child died (exit {child.returncode}): {child.stderr[-2000:]}"
     return json.loads(lines[-1])
@@ -273,24 +280,37 @@ def stems(folder: Path) -> list[str]:
 # --------------------------------------------------------------------- item 10: export_masks
 def test_re_exporting_into_the_same_folder_leaves_exactly_this_exports_pairs(export_script, tmp_path, capsys):
     out = tmp_path / "out"
-    export_script.images = {f"gs://b/{name}.png": np.full((H, W, 3), i * 40, np.uint8)
-                            for i, name in enumerate(["a", "b", "c", "renamed"])}
-    export_script.tasks = [labelled_task(1, "gs://b/a.png"), labelled_task(2, "gs://b/b.png"),
-                           labelled_task(3, "gs://b/c.png")]
+    export_script.images = {
+        f"gs://b/{name}.png": np.full((H, W, 3), i * 40, np.uint8) for i, name in enumerate(["a", "b", "c", "renamed"])
+    }
+    export_script.tasks = [
+        labelled_task(1, "gs://b/a.png"),
+        labelled_task(2, "gs://b/b.png"),
+        labelled_task(3, "gs://b/c.png"),
+    ]
     assert export_script.main("--out", str(out)) == 0
     assert stems(out / "images") == stems(out / "masks") == ["a", "b", "c"]
     (out / "notes.txt").write_text("mine")  # a user's file beside the managed layout
 
     # Task 1's annotation is now cancelled, task 2's image was renamed, task 3 fails to load.
-    export_script.tasks = [labelled_task(1, "gs://b/a.png", cancelled=True), labelled_task(2, "gs://b/renamed.png"),
-                           labelled_task(3, "gs://b/gone.png")]
+    export_script.tasks = [
+        labelled_task(1, "gs://b/a.png", cancelled=True),
+        labelled_task(2, "gs://b/renamed.png"),
+        labelled_task(3, "gs://b/gone.png"),
+    ]
     assert export_script.main("--out", str(out)) == 1
     for folder in ("images", "masks", "overlays"):
         assert stems(out / folder) == ["renamed"], folder  # before issue 8: a, b and c stayed
     assert [row["stem"] for row in json.loads((out / "tasks.json").read_text())] == ["renamed"]
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["images", "label_map.json", "masks", "notes.txt",
-                                                    "overlays", "tasks.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "images",
+        "label_map.json",
+        "masks",
+        "notes.txt",
+        "overlays",
+        "tasks.json",
+    ]
 
     # --masks-only needs no image (task 3 works now): images/ and overlays/ of the last run go.
     assert export_script.main("--out", str(out), "--masks-only") == 0
@@ -321,16 +341,19 @@ def test_an_export_that_stops_half_way_leaves_the_previous_export_in_place(expor
 
 
 @pytest.mark.parametrize("out_name", ["out", "with space's"])
-def test_the_printed_train_command_round_trips_through_the_train_cli(export_script, tmp_path, capsys, monkeypatch,
-                                                                     out_name):
+def test_the_printed_train_command_round_trips_through_the_train_cli(
+    export_script, tmp_path, capsys, monkeypatch, out_name
+):
     import sdk_scripts.export_masks as script
     from segmentation.train import labels_for, parse_args
 
     out = tmp_path / out_name
     export_script.images = {"gs://b/a.png": np.zeros((H, W, 3), np.uint8)}
     export_script.tasks = [labelled_task(1, "gs://b/a.png")]
-    for config, labels in ((CONFIG, ["Nucleus", "Cell, large", "Golgi body"]),
-                           (CONFIG.replace("Cell, large", "Cell"), ["Nucleus", "Cell", "Golgi body"])):
+    for config, labels in (
+        (CONFIG, ["Nucleus", "Cell, large", "Golgi body"]),
+        (CONFIG.replace("Cell, large", "Cell"), ["Nucleus", "Cell", "Golgi body"]),
+    ):
         monkeypatch.setattr(script, "connect_label_studio", lambda settings, url=None, c=config: fake_connection(c))
         assert export_script.main("--out", str(out)) == 0
         printed = capsys.readouterr().out
@@ -350,8 +373,7 @@ def stored_annotation(task_id, image="gs://b/a.png", **task_fields) -> bytes:
     mask = np.zeros((H, W), bool)
     mask[1:4, 1:4] = True
     task = {"id": task_id, "data": {"image": image}, "project": 1, **task_fields}
-    return json.dumps({"id": 500, "result": [payloads.brush(mask)], "task": task,
-                       "updated_at": "2026-01-01"}).encode()
+    return json.dumps({"id": 500, "result": [payloads.brush(mask)], "task": task, "updated_at": "2026-01-01"}).encode()
 
 
 def test_bad_stored_objects_fail_one_by_one_and_the_export_goes_on(export_script, tmp_path, capsys):
@@ -368,9 +390,19 @@ def test_bad_stored_objects_fail_one_by_one_and_the_export_goes_on(export_script
         "exp/5": b'{"result": [], "task": {"id": 5, "data": {"x": ' + deep + b"}}}",
         "exp/6": b"\xff\xfe not json",
         "exp/7": NotFound("object was deleted"),
-        "exp/8": json.dumps({"id": 8, "result": [{"type": "brushlabels", "original_width": "wide",
-                                                   "value": {"rle": [1, 2], "brushlabels": ["Nucleus"]}}],
-                             "task": {"id": 8, "data": {"image": "gs://b/eight.png"}}}).encode(),
+        "exp/8": json.dumps(
+            {
+                "id": 8,
+                "result": [
+                    {
+                        "type": "brushlabels",
+                        "original_width": "wide",
+                        "value": {"rle": [1, 2], "brushlabels": ["Nucleus"]},
+                    }
+                ],
+                "task": {"id": 8, "data": {"image": "gs://b/eight.png"}},
+            }
+        ).encode(),
     }
     assert export_script.main("--out", str(out), "--from-bucket", "gs://bkt/exp", "--masks-only") == 1
     printed = capsys.readouterr().out
@@ -407,8 +439,9 @@ def import_script(monkeypatch, tmp_path):
     def main(manifest_name: str, manifest: str, *argv: str) -> int:
         path = tmp_path / manifest_name
         path.write_text(manifest, encoding="utf-8")
-        return script.main(["--project", "1", "--source", "gs://src/src", "--manifest", str(path),
-                            "--no-progress", *argv])
+        return script.main(
+            ["--project", "1", "--source", "gs://src/src", "--manifest", str(path), "--no-progress", *argv]
+        )
 
     world.main = main
     return world
@@ -428,12 +461,14 @@ def test_a_csv_cell_over_128_kib_fails_its_image_and_the_rest_is_imported(import
 
 def test_deep_nesting_and_nan_in_a_json_lines_manifest_fail_per_row(import_script, capsys):
     deep = "[" * 5000 + "]" * 5000
-    manifest = "\n".join([
-        '{"image": "a.png", "sample": "S1"}',
-        '{"image": "b.png", "depth": NaN}',
-        '{"image": "c.png", "deep": ' + deep + "}",  # too deep even to read its key
-        '{"image": "d.png", "ratio": 1e999}',
-    ])
+    manifest = "\n".join(
+        [
+            '{"image": "a.png", "sample": "S1"}',
+            '{"image": "b.png", "depth": NaN}',
+            '{"image": "c.png", "deep": ' + deep + "}",  # too deep even to read its key
+            '{"image": "d.png", "ratio": 1e999}',
+        ]
+    )
     assert import_script.main("m.jsonl", manifest) == 1
     printed = capsys.readouterr().out
     # c's row is lost, so no image without metadata is imported (c might be the one it described).
@@ -488,6 +523,7 @@ def test_a_brush_tag_on_a_non_image_tag_is_a_clear_4xx_not_a_500(tmp_path, const
             response = client.post("/predict", json=body)
             assert 400 <= response.status_code < 500, (response.status_code, response.text)  # before: 500 KeyError
             assert "caption" in response.text and "Image" in response.text
-            good = payloads.predict_body([payloads.task(1, f"{images.url}/ok.png")],
-                                         config=NOT_AN_IMAGE_CONFIG.replace("caption,image", "image"))
+            good = payloads.predict_body(
+                [payloads.task(1, f"{images.url}/ok.png")], config=NOT_AN_IMAGE_CONFIG.replace("caption,image", "image")
+            )
             assert client.post("/predict", json=good).status_code == 200  # still serving

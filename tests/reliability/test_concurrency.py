@@ -12,8 +12,10 @@
 
 Marked e2e (the project's marker for tests that start backend processes on loopback).
 """
+
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from types import SimpleNamespace
@@ -84,8 +86,15 @@ def synthetic_host():
 @pytest.fixture(scope="module")
 def sam_backend(synthetic_host, tmp_path_factory):
     home = tmp_path_factory.mktemp("sam-concurrency")
-    backend = launch("sam", {"SAM_ENGINE": DETERMINISTIC_ENGINE, "EMBEDDING_CACHE_MB": str(CACHE_MB),
-                             "IMAGE_ALLOWED_HOSTS": synthetic_host.netloc}, home)
+    backend = launch(
+        "sam",
+        {
+            "SAM_ENGINE": DETERMINISTIC_ENGINE,
+            "EMBEDDING_CACHE_MB": str(CACHE_MB),
+            "IMAGE_ALLOWED_HOSTS": synthetic_host.netloc,
+        },
+        home,
+    )
     yield backend
     backend.stop()
 
@@ -97,8 +106,9 @@ def test_the_deterministic_engine_tells_images_and_prompts_apart(synthetic_host)
     prompt = random_click(rng, first)
     mine = expected_mask(image_signature(first.pixels), first.height, first.width, prompt.box)
     other_prompt = Prompt((prompt.box[0], prompt.box[1], prompt.box[2] - 1, prompt.box[3]))
-    assert not np.array_equal(mine, expected_mask(image_signature(first.pixels), first.height, first.width,
-                                                  other_prompt.box))
+    assert not np.array_equal(
+        mine, expected_mask(image_signature(first.pixels), first.height, first.width, other_prompt.box)
+    )
     signatures = {image_signature(image.pixels) for image in synthetic_host.images}
     patterns = {(s % 5, (s >> 8) % (3 + s % 5)) for s in signatures}
     assert len(patterns) > 4  # stripe period/phase differ across images, not only their sizes
@@ -112,21 +122,31 @@ def test_eight_annotators_each_get_the_mask_of_their_own_image_and_prompt(sam_ba
         setup = client.post(f"{sam_backend.url}/setup", json={"project": PROJECT, "schema": SAM_CONFIG}, timeout=10)
         assert setup.status_code == 200 and setup.json()["model_version"] == "deterministic", setup.text
         with CacheSampler(sam_backend.url, interval_s=0.05) as sampler:
-            run = run_annotators(sam_backend.url, synthetic_host.url, synthetic_host.images, ANNOTATORS,
-                                 RUN_SECONDS, make_prompt=random_click, check=check_own_mask, clicks_per_task=4,
-                                 seed=7)
+            run = run_annotators(
+                sam_backend.url,
+                synthetic_host.url,
+                synthetic_host.images,
+                ANNOTATORS,
+                RUN_SECONDS,
+                make_prompt=random_click,
+                check=check_own_mask,
+                clicks_per_task=4,
+                seed=7,
+            )
         metrics = client.get(f"{sam_backend.url}/metrics", timeout=10).text
         health = client.get(f"{sam_backend.url}/health", timeout=10).json()
 
     per_annotator = [sum(1 for c in run.clicks if c.annotator == i) for i in range(ANNOTATORS)]
-    print(f"{len(run.clicks)} clicks in {run.seconds:.1f} s, per annotator {per_annotator}, "
-          f"peak cache {sampler.peak_bytes} of {sampler.capacity_bytes} bytes")
+    print(
+        f"{len(run.clicks)} clicks in {run.seconds:.1f} s, per annotator {per_annotator}, "
+        f"peak cache {sampler.peak_bytes} of {sampler.capacity_bytes} bytes"
+    )
     assert not run.problems, f"{len(run.problems)} wrong answers, e.g. {run.problems[:3]}"
     assert min(per_annotator) >= 5, f"some annotator barely clicked: {per_annotator}"
     assert run.seconds < RUN_SECONDS + 30
     # Annotators really overlapped: most clicks were in flight together with another one.
     spans = sorted((c.started, c.started + c.latency_ms / 1000) for c in run.clicks)
-    overlapping = sum(1 for (s0, e0), (s1, _) in zip(spans, spans[1:]) if s1 < e0)
+    overlapping = sum(1 for (s0, e0), (s1, _) in itertools.pairwise(spans) if s1 < e0)
     assert overlapping > len(spans) // 4, f"only {overlapping} of {len(spans)} clicks overlapped"
 
     # The cache stayed within its byte cap the whole time, and had to evict to do so.
@@ -148,14 +168,25 @@ def test_one_image_opened_by_every_annotator_is_embedded_once(sam_backend, synth
     image = synthetic_host.images[-1]
     fresh = TaskImage(99_999, image.path, image.png, image.pixels, ())  # a task id nobody used: not cached
     with session() as client:
-        before = metric_value(client.get(f"{sam_backend.url}/metrics", timeout=10).text, "cache_misses_total",
-                              'cache="embeddings"')
-    run = run_annotators(sam_backend.url, synthetic_host.url, [fresh] * ANNOTATORS, ANNOTATORS, 30.0,
-                         make_prompt=random_click, check=check_own_mask, max_clicks=1, seed=11)
+        before = metric_value(
+            client.get(f"{sam_backend.url}/metrics", timeout=10).text, "cache_misses_total", 'cache="embeddings"'
+        )
+    run = run_annotators(
+        sam_backend.url,
+        synthetic_host.url,
+        [fresh] * ANNOTATORS,
+        ANNOTATORS,
+        30.0,
+        make_prompt=random_click,
+        check=check_own_mask,
+        max_clicks=1,
+        seed=11,
+    )
     assert not run.problems and len(run.ok_clicks) == ANNOTATORS, run.problems
     with session() as client:
-        after = metric_value(client.get(f"{sam_backend.url}/metrics", timeout=10).text, "cache_misses_total",
-                             'cache="embeddings"')
+        after = metric_value(
+            client.get(f"{sam_backend.url}/metrics", timeout=10).text, "cache_misses_total", 'cache="embeddings"'
+        )
     assert after - before == 1, f"{after - before} embeddings computed for one image"
 
 
@@ -169,10 +200,18 @@ def training_stack(tmp_path):
     images = {task_id: cells(task_id, (96, 96) if task_id <= 6 else (256, 256)) for task_id in range(1, 11)}
     label_studio = StandInLabelStudio(images, annotated=set(range(1, 7)))
     seeded = seed_model(tmp_path / "models")
-    backend = launch("segmentation", {
-        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(tmp_path / "models"),
-        "TRAIN_MINUTES": "0.2", "VAL_FRACTION": "0.2", "DEVICE": "cpu",
-    }, tmp_path)
+    backend = launch(
+        "segmentation",
+        {
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": TOKEN,
+            "MODEL_DIR": str(tmp_path / "models"),
+            "TRAIN_MINUTES": "0.2",
+            "VAL_FRACTION": "0.2",
+            "DEVICE": "cpu",
+        },
+        tmp_path,
+    )
     try:
         yield label_studio, backend, seeded
     finally:
@@ -202,8 +241,10 @@ def test_segmentation_keeps_answering_predict_while_training(training_stack):
         final = wait_for(lambda: (s := project_state(client, backend)).get("finished") and s, 90, "training to finish")
         after = seg_predict(client, backend, label_studio.task(8))
 
-    print(f"{len(latencies)} predictions during training ({during} answered while it still ran), "
-          f"slowest {max(e for e, _, _ in latencies):.2f} s")
+    print(
+        f"{len(latencies)} predictions during training ({during} answered while it still ran), "
+        f"slowest {max(e for e, _, _ in latencies):.2f} s"
+    )
     assert during >= 3, f"only {during} predictions completed while the run was training"
     assert all(status == 200 for _, status, _ in latencies), latencies
     slowest = max(elapsed for elapsed, _, _ in latencies)

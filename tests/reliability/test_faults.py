@@ -12,6 +12,7 @@
   the run fails with a one-line message and imports nothing; killed while reading sidecars, a rerun
   leaves no duplicate tasks and every task keeps its metadata (the first run stops before importing).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,13 @@ def test_kill_9_during_training_keeps_the_last_good_model_and_training_resumes(t
     label_studio = StandInLabelStudio(images, annotated=set(range(1, 7)))
     models = tmp_path / "models"
     good = seed_model(models)
-    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(models),
-           "TRAIN_MINUTES": "0.15", "DEVICE": "cpu"}
+    env = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "MODEL_DIR": str(models),
+        "TRAIN_MINUTES": "0.15",
+        "DEVICE": "cpu",
+    }
     first = launch("segmentation", env, tmp_path / "first")
     try:
         with session() as client:
@@ -97,8 +103,9 @@ def test_kill_9_during_training_keeps_the_last_good_model_and_training_resumes(t
             assert not any(p.name.startswith(".incomplete-") for p in (models / "project-1").iterdir())
 
             start_training(client, second)
-            final = wait_for(lambda: (s := project_state(client, second)).get("finished") and s, 90,
-                             "the new training run to finish")
+            final = wait_for(
+                lambda: (s := project_state(client, second)).get("finished") and s, 90, "the new training run to finish"
+            )
             assert final["state"] == "idle", final
             trained = final["model_version"]
             assert trained != good
@@ -117,8 +124,9 @@ def failing_image_host(image: np.ndarray, flaky_failures: int = 2) -> HttpHost:
     /flaky.png: 500 for its first `flaky_failures` GETs, then the PNG; anything else: 404."""
     error = Reply(500, b"<html>Internal Server Error</html>", {"Content-Type": "text/html"})
     busy = Reply(500, b"<html>busy</html>", {"Content-Type": "text/html"})
-    return HttpHost({"/always-500.png": error,
-                     "/flaky.png": sequence(*[busy] * flaky_failures, Reply(200, png(image), PNG))})
+    return HttpHost(
+        {"/always-500.png": error, "/flaky.png": sequence(*[busy] * flaky_failures, Reply(200, png(image), PNG))}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +137,32 @@ def degraded_stack(tmp_path_factory):
     images = {task_id: cells(task_id) for task_id in range(1, 13)}
     label_studio = StandInLabelStudio(images, annotated=set())
     image_host = failing_image_host(images[1][0]).start()
-    common = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-              "IMAGE_FETCH_RETRIES": str(FETCH_RETRIES), "IMAGE_FETCH_TIMEOUT": "5"}
+    common = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "IMAGE_FETCH_RETRIES": str(FETCH_RETRIES),
+        "IMAGE_FETCH_TIMEOUT": "5",
+    }
     started = []
     try:
-        started.append(launch("sam", {**common, "SAM_ENGINE": DETERMINISTIC_ENGINE, "EMBEDDING_CACHE_MB": "8",
-                                      "IMAGE_ALLOWED_HOSTS": image_host.netloc}, home / "sam"))
+        started.append(
+            launch(
+                "sam",
+                {
+                    **common,
+                    "SAM_ENGINE": DETERMINISTIC_ENGINE,
+                    "EMBEDDING_CACHE_MB": "8",
+                    "IMAGE_ALLOWED_HOSTS": image_host.netloc,
+                },
+                home / "sam",
+            )
+        )
         seeded = seed_model(home / "models")
-        started.append(launch("segmentation", {**common, "MODEL_DIR": str(home / "models"), "DEVICE": "cpu"},
-                              home / "segmentation"))
+        started.append(
+            launch(
+                "segmentation", {**common, "MODEL_DIR": str(home / "models"), "DEVICE": "cpu"}, home / "segmentation"
+            )
+        )
         sam, segmentation = started
         yield label_studio, image_host, sam, segmentation, seeded
     finally:
@@ -162,8 +187,15 @@ def sam_click(client, backend, label_studio, task_id: int) -> tuple[object, floa
     began = time.monotonic()
     response = client.post(f"{backend.url}/predict", json=predict_body(task, click_context(prompt, image)), timeout=60)
     elapsed = time.monotonic() - began
-    click = Click(0, image, prompt, began, 1000 * elapsed, response.status_code,
-                  response.json() if response.status_code == 200 else None)
+    click = Click(
+        0,
+        image,
+        prompt,
+        began,
+        1000 * elapsed,
+        response.status_code,
+        response.json() if response.status_code == 200 else None,
+    )
     return response, elapsed, click
 
 
@@ -171,14 +203,20 @@ def test_label_studio_down_degrades_health_fails_fast_and_recovers(degraded_stac
     label_studio, _, sam, segmentation, seeded = degraded_stack
     with session() as client:
         for backend in (sam, segmentation):
-            wait_for(lambda: health(client, backend).get("label_studio") == "reachable", 20,
-                     f"{backend.name} to see Label Studio")
+            wait_for(
+                lambda backend=backend: health(client, backend).get("label_studio") == "reachable",
+                20,
+                f"{backend.name} to see Label Studio",
+            )
             assert health(client, backend)["status"] == "UP"
         label_studio.stop()
         try:
             for backend in (sam, segmentation):
-                report = wait_for(lambda: (h := health(client, backend))["status"] == "DEGRADED" and h, 20,
-                                  f"{backend.name} /health to say DEGRADED")
+                report = wait_for(
+                    lambda backend=backend: (h := health(client, backend))["status"] == "DEGRADED" and h,
+                    20,
+                    f"{backend.name} /health to say DEGRADED",
+                )
                 assert report["label_studio"] == "unreachable", report
 
             response, elapsed, _ = sam_click(client, sam, label_studio, 3)
@@ -196,7 +234,9 @@ def test_label_studio_down_degrades_health_fails_fast_and_recovers(degraded_stac
             label_studio.start()  # same port: Label Studio comes back where the backends expect it
 
         for backend in (sam, segmentation):
-            wait_for(lambda: health(client, backend)["status"] == "UP", 20, f"{backend.name} to recover")
+            wait_for(
+                lambda backend=backend: health(client, backend)["status"] == "UP", 20, f"{backend.name} to recover"
+            )
             assert health(client, backend)["label_studio"] == "reachable"
         response, _, click = sam_click(client, sam, label_studio, 3)
         assert response.status_code == 200, response.text
@@ -299,8 +339,10 @@ def project_tasks(label_studio, project_id: int) -> list[dict]:
 
 
 def new_project(label_studio) -> int:
-    config = '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">' \
-             '<Label value="Nucleus"/></BrushLabels></View>'
+    config = (
+        '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+        '<Label value="Nucleus"/></BrushLabels></View>'
+    )
     return int(label_studio.ls.projects.create(title=f"faults {uuid.uuid4().hex[:6]}", label_config=config).id)
 
 
@@ -378,8 +420,9 @@ def run_import(label_studio, emulator_url: str, argv: list[str]) -> tuple[int, s
     from sdk_scripts import import_gcs
     from sdk_scripts.common import CliSettings, run_main
 
-    settings = CliSettings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
-                           storage_emulator_host=emulator_url)
+    settings = CliSettings(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token, storage_emulator_host=emulator_url
+    )
     args = import_gcs.build_parser().parse_args(argv + ["--no-progress"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

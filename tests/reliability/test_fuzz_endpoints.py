@@ -11,6 +11,7 @@ and a tiny fallback model, so /predict really fetches and segments) and per endp
 A smaller run repeats the Label Studio-shaped cases over real HTTP against `python -m sam` and
 `python -m segmentation`. Bugs found this way are pinned, fixed, by the tests at the end.
 """
+
 from __future__ import annotations
 
 import collections
@@ -55,18 +56,31 @@ class World:
 def world(tmp_path_factory, constant_model):
     tmp = tmp_path_factory.mktemp("fuzz")
     ok_png = png(quadrant_rgb(24, 32))
-    with HttpHost({"/ok.png": ok_png, "/tiny.png": png(np.zeros((1, 1, 3), np.uint8)),
-                    "/truncated.png": truncated(png(noisy_rgb())), "/page.html": Reply(200, b"<html>login</html>")}) as images, \
-            FakeLabelStudio() as label_studio:
+    with (
+        HttpHost(
+            {
+                "/ok.png": ok_png,
+                "/tiny.png": png(np.zeros((1, 1, 3), np.uint8)),
+                "/truncated.png": truncated(png(noisy_rgb())),
+                "/page.html": Reply(200, b"<html>login</html>"),
+            }
+        ) as images,
+        FakeLabelStudio() as label_studio,
+    ):
         label_studio.files["/data/upload/1/ok.png"] = Reply(200, ok_png)
         label_studio.resolve["gs://bucket/ok.png"] = Reply(200, ok_png)
-        common = dict(label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
-                      image_allowed_hosts=(images.netloc,))
+        common = dict(
+            label_studio_url=label_studio.url,
+            label_studio_api_key=label_studio.legacy_token,
+            image_allowed_hosts=(images.netloc,),
+        )
         sam_settings = base_settings(tmp / "sam", sam_engine=BOX_ENGINE, **common)
         segmentation_settings = base_settings(tmp / "seg", seg_checkpoint=str(constant_model), **common)
         assert not any((tmp / "seg" / "models").glob("*"))  # MODEL_DIR starts empty
         with sam_client(sam_settings) as sam, segmentation_client(segmentation_settings) as segmentation:
-            uris = [f"{images.url}{path}" for path in ("/ok.png", "/tiny.png", "/truncated.png", "/page.html", "/404.png")]
+            uris = [
+                f"{images.url}{path}" for path in ("/ok.png", "/tiny.png", "/truncated.png", "/page.html", "/404.png")
+            ]
             uris += ["/data/upload/1/ok.png", "gs://bucket/ok.png"]
             yield World(images, label_studio, {"sam": sam, "segmentation": segmentation}, uris, f"{images.url}/ok.png")
 
@@ -77,7 +91,9 @@ def still_serving(world: World, backend: str) -> None:
     check_healthy(client.get)
     if backend == "sam":
         box = payloads.rectangle(25, 25, 50, 50, original=(32, 24))  # 8..24 x 6..18 px of 32x24
-        response = client.post("/predict", json=payloads.predict_body([payloads.task(1, world.ok_url)], {"result": [box]}))
+        response = client.post(
+            "/predict", json=payloads.predict_body([payloads.task(1, world.ok_url)], {"result": [box]})
+        )
         assert response.status_code == 200, describe(response)
         (region,) = response.json()["results"][0]["result"]
         mask = decode_rle(region["value"]["rle"], 24, 32)
@@ -122,13 +138,16 @@ def test_schemathesis_cases(world, backend, endpoint):
     client = world.clients[backend]
     operation = schema_operation(client, "POST", endpoint)
     count = collections.Counter()
-    for mode, examples in ((schemathesis.GenerationMode.POSITIVE, POSITIVE_CASES),
-                           (schemathesis.GenerationMode.NEGATIVE, NEGATIVE_CASES)):
+    for mode, examples in (
+        (schemathesis.GenerationMode.POSITIVE, POSITIVE_CASES),
+        (schemathesis.GenerationMode.NEGATIVE, NEGATIVE_CASES),
+    ):
+
         @fuzz_settings(examples)
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case):
             check_answer(send_case(client, case))
-            count[mode] += 1
+            count[mode] += 1  # noqa: B023  run() is called within this iteration
             sent[backend, endpoint] += 1
 
         run()
@@ -144,8 +163,11 @@ def test_schemathesis_cases(world, backend, endpoint):
 def test_label_studio_shaped_cases(world, backend, endpoint):
     client = world.clients[backend]
     uris = strategies.image_uris(world.uris)
-    bodies = {"/setup": strategies.setup_bodies, "/predict": strategies.predict_bodies(uris),
-              "/webhook": strategies.webhook_bodies(uris)}[endpoint]
+    bodies = {
+        "/setup": strategies.setup_bodies,
+        "/predict": strategies.predict_bodies(uris),
+        "/webhook": strategies.webhook_bodies(uris),
+    }[endpoint]
     count = 0
 
     @fuzz_settings(SHAPED_CASES)
@@ -174,8 +196,13 @@ def test_get_endpoint_cases(world, backend, endpoint):
     @given(request=strategies.get_requests)
     def run(request):
         nonlocal count
-        response = client.request(request["method"], endpoint + request["suffix"], params=request["params"],
-                                  headers=request["headers"], content=request["body"])
+        response = client.request(
+            request["method"],
+            endpoint + request["suffix"],
+            params=request["params"],
+            headers=request["headers"],
+            content=request["body"],
+        )
         check_answer(response)
         if request["method"] == "GET" and request["suffix"] == "" and response.status_code == 200:
             if endpoint == "/metrics":
@@ -208,16 +235,24 @@ def test_every_endpoint_of_both_backends_got_1000_cases(world):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_label_studio_shaped_cases_over_real_http(world, backend, tmp_path, constant_model):
     env = {
-        "LABEL_STUDIO_URL": world.label_studio.url, "LABEL_STUDIO_API_KEY": world.label_studio.legacy_token,
-        "IMAGE_ALLOWED_HOSTS": world.images.netloc, "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
-        "IMAGE_FETCH_RETRIES": "0", "IMAGE_FETCH_TIMEOUT": "2", "MODEL_DIR": str(tmp_path / "models"),
-        "DEVICE": "cpu", "LOG_LEVEL": "INFO",
+        "LABEL_STUDIO_URL": world.label_studio.url,
+        "LABEL_STUDIO_API_KEY": world.label_studio.legacy_token,
+        "IMAGE_ALLOWED_HOSTS": world.images.netloc,
+        "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+        "IMAGE_FETCH_RETRIES": "0",
+        "IMAGE_FETCH_TIMEOUT": "2",
+        "MODEL_DIR": str(tmp_path / "models"),
+        "DEVICE": "cpu",
+        "LOG_LEVEL": "INFO",
     }
     env |= {"SAM_ENGINE": BOX_ENGINE} if backend == "sam" else {"SEG_CHECKPOINT": str(constant_model)}
     module = "sam" if backend == "sam" else "segmentation"
     uris = strategies.image_uris(world.uris)
-    bodies = {"/setup": strategies.setup_bodies, "/predict": strategies.predict_bodies(uris),
-              "/webhook": strategies.webhook_bodies(uris)}
+    bodies = {
+        "/setup": strategies.setup_bodies,
+        "/predict": strategies.predict_bodies(uris),
+        "/webhook": strategies.webhook_bodies(uris),
+    }
     with BackendProcess(module, env, tmp_path / "backend.log") as process, requests.Session() as http:
         for endpoint, strategy in bodies.items():
             count = 0
@@ -226,8 +261,12 @@ def test_label_studio_shaped_cases_over_real_http(world, backend, tmp_path, cons
             @given(body=strategy)
             def run(body):
                 nonlocal count
-                response = http.post(process.url + endpoint, data=payloads.encode(body),
-                                     headers={"Content-Type": "application/json"}, timeout=30)
+                response = http.post(
+                    process.url + endpoint,  # noqa: B023  run() is called within this iteration
+                    data=payloads.encode(body),
+                    headers={"Content-Type": "application/json"},
+                    timeout=30,
+                )
                 check_answer(response)
                 count += 1
 
@@ -253,8 +292,9 @@ def test_params_named_self_is_not_a_server_error(world, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_webhook_action_with_a_lone_surrogate_is_not_a_server_error(world, backend):
-    response = world.clients[backend].post("/webhook", content=b'{"action": "\\ud800"}',
-                                           headers={"Content-Type": "application/json"})
+    response = world.clients[backend].post(
+        "/webhook", content=b'{"action": "\\ud800"}', headers={"Content-Type": "application/json"}
+    )
     check_answer(response)
     assert response.status_code == 400 and "surrogate" in response.json()["error"], describe(response)
 

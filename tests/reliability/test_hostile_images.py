@@ -13,6 +13,7 @@ Documented behaviour asserted here:
   the rotated frame with matching original_width / original_height;
 - the server keeps serving, and nothing from a failed image stays in the image or embedding cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,9 @@ def _corpus(secret_url: str) -> dict[str, Reply | bytes]:
         "/empty.png": b"",
         "/truncated.png": truncated(png(noisy)),
         "/truncated.jpg": truncated(encode(Image.fromarray(noisy), "JPEG", quality=90)),
-        "/page.html": Reply(200, b"<!doctype html><html><body>Please log in</body></html>", {"Content-Type": "text/html"}),
+        "/page.html": Reply(
+            200, b"<!doctype html><html><body>Please log in</body></html>", {"Content-Type": "text/html"}
+        ),
         "/bomb.png": png_header_only(50_000, 50_000),
         "/error500": Reply(500, b"upstream broke"),
         "/loop": Reply(302, b"", {"Location": "/loop"}),
@@ -101,8 +104,7 @@ class Setup:
 def setup(tmp_path_factory, constant_model):
     tmp = tmp_path_factory.mktemp("hostile")
     # A loopback "internal service" outside the allow-list: it must never be asked for anything.
-    with HttpHost(app=lambda request: Reply(200, png(quadrant_rgb(8, 8)))) as secret, \
-            SilentSocket() as silent:
+    with HttpHost(app=lambda request: Reply(200, png(quadrant_rgb(8, 8)))) as secret, SilentSocket() as silent:
         secret_url = f"http://localhost:{secret.port}"
         with HttpHost(_corpus(secret_url)) as images:
             allowed = (images.netloc, silent.url.split("//")[1])
@@ -112,8 +114,13 @@ def setup(tmp_path_factory, constant_model):
             with sam_client(sam_settings) as sam, segmentation_client(seg_settings) as seg:
                 for client in (sam, seg):
                     client.app.state.server.runtime.label_studio.backoff_s = 0.05
-                yield Setup(images, silent, secret, {"sam": sam, "segmentation": seg},
-                            {"sam": sam_settings.image_cache_dir, "segmentation": seg_settings.image_cache_dir})
+                yield Setup(
+                    images,
+                    silent,
+                    secret,
+                    {"sam": sam, "segmentation": seg},
+                    {"sam": sam_settings.image_cache_dir, "segmentation": seg_settings.image_cache_dir},
+                )
 
 
 WHOLE_IMAGE = payloads.rectangle(0, 0, 100, 100)
@@ -192,8 +199,11 @@ def test_bounded_retries_on_a_server_error(setup):
 
 def test_redirects_out_of_the_allow_list_never_reach_the_target(setup):
     for backend in ("sam", "segmentation"):
-        response = (interactive(setup.clients[backend], setup.url("/escape"), 991) if backend == "sam"
-                    else batch(setup.clients[backend], [setup.url("/escape")], 991))
+        response = (
+            interactive(setup.clients[backend], setup.url("/escape"), 991)
+            if backend == "sam"
+            else batch(setup.clients[backend], [setup.url("/escape")], 991)
+        )
         assert response.status_code == 403, describe(response)
     assert setup.secret.requests == []
 

@@ -13,6 +13,7 @@
   weights_only=False is refused by the SAM engine loader and the segmentation version loader.
 - Exported file names cannot escape the output folder.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,12 +55,17 @@ def service_account_key() -> dict:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     return {
-        "type": "service_account", "project_id": "reliability-test", "private_key_id": secrets.token_hex(20),
-        "private_key": pem, "client_email": "backend@reliability-test.iam.gserviceaccount.com",
-        "client_id": "1234567890", "token_uri": "http://127.0.0.1:9/token",
+        "type": "service_account",
+        "project_id": "reliability-test",
+        "private_key_id": secrets.token_hex(20),
+        "private_key": pem,
+        "client_email": "backend@reliability-test.iam.gserviceaccount.com",
+        "client_id": "1234567890",
+        "token_uri": "http://127.0.0.1:9/token",
     }
 
 
@@ -82,9 +88,15 @@ def leaky_world(tmp_path_factory):
     key_file.write_text(json.dumps(key))
     with fake, HttpHost({"/good.png": GOOD_PNG}) as images:
         yield {
-            "fake": fake, "images": images, "tmp": tmp, "key": key, "key_file": key_file,
-            "basic_user": "labelstudio", "basic_pass": "pw-" + secrets.token_urlsafe(18),
-            "signature": secrets.token_hex(32), "url_token": "tk" + secrets.token_hex(16),
+            "fake": fake,
+            "images": images,
+            "tmp": tmp,
+            "key": key,
+            "key_file": key_file,
+            "basic_user": "labelstudio",
+            "basic_pass": "pw-" + secrets.token_urlsafe(18),
+            "signature": secrets.token_hex(32),
+            "url_token": "tk" + secrets.token_hex(16),
             "predict_password": "pw-" + secrets.token_urlsafe(12),
         }
 
@@ -97,23 +109,44 @@ def _drive(process: BackendProcess, world: dict, backend: str) -> None:
     with requests.Session() as http:
         # auth failures
         assert http.get(f"{url}/health", timeout=5).status_code == 401
-        assert http.get(f"{url}/health", auth=(world["basic_user"], world["basic_pass"] + "x"), timeout=5).status_code == 401
+        assert (
+            http.get(f"{url}/health", auth=(world["basic_user"], world["basic_pass"] + "x"), timeout=5).status_code
+            == 401
+        )
         http.auth = auth
         check_healthy(lambda path: http.get(url + path, timeout=5))
         # /setup hands over the legacy token, a key in extra_params, and a hostname with credentials
-        setup = payloads.setup_body(access_token=fake.legacy_token,
-                                    hostname=f"http://admin:{world['basic_pass']}@localhost:8080",
-                                    extra_params={"gcs_key": world["key"], "api_key": fake.legacy_token})
+        setup = payloads.setup_body(
+            access_token=fake.legacy_token,
+            hostname=f"http://admin:{world['basic_pass']}@localhost:8080",
+            extra_params={"gcs_key": world["key"], "api_key": fake.legacy_token},
+        )
         assert http.post(f"{url}/setup", json=setup, timeout=10).status_code == 200
         # bodies that fail validation or parsing while carrying secrets
-        assert http.post(f"{url}/setup", json={"project": {"token": fake.legacy_token}, "schema": 5}, timeout=5).status_code == 422
+        assert (
+            http.post(
+                f"{url}/setup", json={"project": {"token": fake.legacy_token}, "schema": 5}, timeout=5
+            ).status_code
+            == 422
+        )
         broken = b'{"access_token": "' + fake.legacy_token.encode() + b'", "schema": '
-        assert http.post(f"{url}/setup", data=broken, headers={"Content-Type": "application/json"}, timeout=5).status_code == 400
-        signed = (f"{images.url}/good.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature={world['signature']}"
-                  f"&token={world['url_token']}")
-        uris = ["/data/upload/1/good.png", "/data/upload/1/missing.png", "gs://bucket/good.png", signed,
-                f"{images.url}/missing.png?X-Goog-Signature={world['signature']}", "file:///etc/passwd",
-                f"http://user:{world['basic_pass']}@127.0.0.1:1/x.png"]
+        assert (
+            http.post(f"{url}/setup", data=broken, headers={"Content-Type": "application/json"}, timeout=5).status_code
+            == 400
+        )
+        signed = (
+            f"{images.url}/good.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature={world['signature']}"
+            f"&token={world['url_token']}"
+        )
+        uris = [
+            "/data/upload/1/good.png",
+            "/data/upload/1/missing.png",
+            "gs://bucket/good.png",
+            signed,
+            f"{images.url}/missing.png?X-Goog-Signature={world['signature']}",
+            "file:///etc/passwd",
+            f"http://user:{world['basic_pass']}@127.0.0.1:1/x.png",
+        ]
         for index, uri in enumerate(uris):
             tasks = [payloads.task(10 + index, uri)]
             context = {"result": [BOX]} if backend == "sam" else None
@@ -121,8 +154,10 @@ def _drive(process: BackendProcess, world: dict, backend: str) -> None:
             check_answer(http.post(f"{url}/predict", json=body, timeout=30))
             if index == 1:
                 fake.revoke_access()  # the next PAT use gets a 401 and refreshes its access token
-        webhook = {"action": "START_TRAINING", "project": {"id": 1, "label_config": payloads.LABEL_CONFIG,
-                                                           "token": fake.legacy_token}}
+        webhook = {
+            "action": "START_TRAINING",
+            "project": {"id": 1, "label_config": payloads.LABEL_CONFIG, "token": fake.legacy_token},
+        }
         assert http.post(f"{url}/webhook", json=webhook, timeout=5).status_code == 200
         assert http.get(f"{url}/metrics", timeout=5).status_code == 200
 
@@ -132,11 +167,17 @@ def _drive(process: BackendProcess, world: dict, backend: str) -> None:
 def test_no_secret_reaches_the_logs_of_a_real_backend(leaky_world, backend, tmp_path, constant_model):
     world, fake = leaky_world, leaky_world["fake"]
     env = {
-        "LABEL_STUDIO_URL": fake.url, "LOG_LEVEL": "DEBUG",
-        "BASIC_AUTH_USER": world["basic_user"], "BASIC_AUTH_PASS": world["basic_pass"],
-        "IMAGE_ALLOWED_HOSTS": f"{world['images'].netloc},127.0.0.1:1", "IMAGE_FETCH_RETRIES": "1",
-        "IMAGE_FETCH_TIMEOUT": "2", "IMAGE_CACHE_DIR": str(tmp_path / "cache"), "MODEL_DIR": str(tmp_path / "models"),
-        "GOOGLE_APPLICATION_CREDENTIALS": str(world["key_file"]), "DEVICE": "cpu",
+        "LABEL_STUDIO_URL": fake.url,
+        "LOG_LEVEL": "DEBUG",
+        "BASIC_AUTH_USER": world["basic_user"],
+        "BASIC_AUTH_PASS": world["basic_pass"],
+        "IMAGE_ALLOWED_HOSTS": f"{world['images'].netloc},127.0.0.1:1",
+        "IMAGE_FETCH_RETRIES": "1",
+        "IMAGE_FETCH_TIMEOUT": "2",
+        "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_DIR": str(tmp_path / "models"),
+        "GOOGLE_APPLICATION_CREDENTIALS": str(world["key_file"]),
+        "DEVICE": "cpu",
     }
     if backend == "sam":  # the PAT from the environment; the legacy token arrives through /setup
         env |= {"SAM_ENGINE": BOX_ENGINE, "LABEL_STUDIO_API_KEY": fake.pat}
@@ -148,17 +189,25 @@ def test_no_secret_reaches_the_logs_of_a_real_backend(leaky_world, backend, tmp_
     log = process.log()
 
     secrets_to_find = {
-        "legacy token": fake.legacy_token, "personal access token": fake.pat,
-        "basic auth password": world["basic_pass"], "GCS private key": world["key"]["private_key"],
-        "GCS private key id": world["key"]["private_key_id"], "URL signature": world["signature"],
-        "URL token": world["url_token"], "predict password": world["predict_password"],
+        "legacy token": fake.legacy_token,
+        "personal access token": fake.pat,
+        "basic auth password": world["basic_pass"],
+        "GCS private key": world["key"]["private_key"],
+        "GCS private key id": world["key"]["private_key_id"],
+        "URL signature": world["signature"],
+        "URL token": world["url_token"],
+        "predict password": world["predict_password"],
         "basic auth header": base64.b64encode(f"{world['basic_user']}:{world['basic_pass']}".encode()).decode(),
     }
     secrets_to_find |= {f"issued access token {i}": token for i, token in enumerate(fake.issued)}
     if backend == "sam":
         assert fake.refreshes >= 2, "the PAT was exchanged, and refreshed after the revocation"
-    leaks = [(name, line) for name, secret in secrets_to_find.items()
-             for line in log.splitlines() if any(piece in line for piece in secret_fragments(secret))]
+    leaks = [
+        (name, line)
+        for name, secret in secrets_to_find.items()
+        for line in log.splitlines()
+        if any(piece in line for piece in secret_fragments(secret))
+    ]
     assert not leaks, f"secrets in the {backend} log: " + "; ".join(f"{name}: {line[:300]}" for name, line in leaks[:5])
     # The scan looked at a verbose log with fetched URLs in it, and something had to be redacted.
     assert "DEBUG" in log and "/predict" in log and "good.png" in log, log[-3000:]
@@ -182,8 +231,10 @@ def test_without_the_redacting_filter_the_secret_would_be_logged(tmp_path):
     urllib3_log.addHandler(handler)
     urllib3_log.setLevel(logging.DEBUG)
     try:
-        with HttpHost({"/good.png": GOOD_PNG}) as images, \
-                sam_client(base_settings(tmp_path, sam_engine=BOX_ENGINE, image_allowed_hosts=(images.netloc,))) as client:
+        with (
+            HttpHost({"/good.png": GOOD_PNG}) as images,
+            sam_client(base_settings(tmp_path, sam_engine=BOX_ENGINE, image_allowed_hosts=(images.netloc,))) as client,
+        ):
             uri = f"{images.url}/good.png?X-Goog-Signature={signature}&token={token}"
             response = client.post("/predict", json=payloads.predict_body([payloads.task(1, uri)], {"result": [BOX]}))
             assert response.status_code == 200, describe(response)
@@ -208,13 +259,20 @@ def guarded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("allow-list")
     fake = FakeLabelStudio()
     fake.files["/data/upload/1/good.png"] = Reply(200, GOOD_PNG, PNG)
-    with fake, HttpHost({"/good.png": GOOD_PNG}) as images, \
-            HttpHost(app=lambda request: Reply(200, GOOD_PNG, PNG)) as internal:
+    with (
+        fake,
+        HttpHost({"/good.png": GOOD_PNG}) as images,
+        HttpHost(app=lambda request: Reply(200, GOOD_PNG, PNG)) as internal,
+    ):
         images.add("/to-internal", Reply(302, b"", {"Location": f"{internal.url}/good.png"}))
         images.add("/to-metadata", Reply(307, b"", {"Location": "http://169.254.169.254/computeMetadata/v1/"}))
-        settings = base_settings(tmp, sam_engine=BOX_ENGINE, label_studio_url=fake.url,
-                                 label_studio_api_key=fake.legacy_token,
-                                 image_allowed_hosts=(images.netloc, "169.254.169.254", "metadata.google.internal"))
+        settings = base_settings(
+            tmp,
+            sam_engine=BOX_ENGINE,
+            label_studio_url=fake.url,
+            label_studio_api_key=fake.legacy_token,
+            image_allowed_hosts=(images.netloc, "169.254.169.254", "metadata.google.internal"),
+        )
         with sam_client(settings) as client:
             yield {"client": client, "images": images, "internal": internal, "fake": fake}
 
@@ -244,9 +302,11 @@ def test_forbidden_sources_are_refused(guarded, uri):
 @pytest.mark.parametrize("target", ["internal-port", "localhost-name", "redirect"])
 def test_loopback_services_outside_the_allow_list_are_never_contacted(guarded, target):
     internal, images = guarded["internal"], guarded["images"]
-    uri = {"internal-port": f"{internal.url}/good.png",  # allowed host, other port
-           "localhost-name": f"http://localhost:{internal.port}/good.png",
-           "redirect": f"{images.url}/to-internal"}[target]
+    uri = {
+        "internal-port": f"{internal.url}/good.png",  # allowed host, other port
+        "localhost-name": f"http://localhost:{internal.port}/good.png",
+        "redirect": f"{images.url}/to-internal",
+    }[target]
     body = payloads.predict_body([payloads.task(2, uri)], {"result": [BOX]})
     response = guarded["client"].post("/predict", json=body)
     assert response.status_code == 403, describe(response)
@@ -265,8 +325,9 @@ def test_label_studio_token_goes_to_label_studio_only(guarded):
     for task_id, uri in ((4, "/data/upload/1/good.png"), (5, f"{images.url}/good.png")):
         response = client.post("/predict", json=payloads.predict_body([payloads.task(task_id, uri)], {"result": [BOX]}))
         assert response.status_code == 200, describe(response)
-    assert [r.headers.get("Authorization") for r in fake.server.requests if r.path == "/data/upload/1/good.png"] \
-        == [f"Token {fake.legacy_token}"]
+    assert [r.headers.get("Authorization") for r in fake.server.requests if r.path == "/data/upload/1/good.png"] == [
+        f"Token {fake.legacy_token}"
+    ]
     assert all("Authorization" not in request.headers for request in images.requests)
 
 
@@ -282,8 +343,9 @@ def test_direct_gcs_read_fails_within_the_fetch_timeout(monkeypatch, tmp_path):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing leaves the machine
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-    fetcher = ImageFetcher(Settings(gcs_direct_read=True, image_cache_mb=0, image_fetch_timeout_s=1.0,
-                                    image_fetch_retries=0))
+    fetcher = ImageFetcher(
+        Settings(gcs_direct_read=True, image_cache_mb=0, image_fetch_timeout_s=1.0, image_fetch_retries=0)
+    )
     outcome: list = []
 
     def fetch():
@@ -319,8 +381,14 @@ def big_interactive_body(megabytes: float, image_url: str) -> bytes:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     with HttpHost({"/good.png": GOOD_PNG}) as images:
-        settings = base_settings(tmp_path_factory.mktemp("limits"), sam_engine=BOX_ENGINE, max_request_mb=8,
-                                 image_allowed_hosts=(images.netloc,), basic_auth_user="ls", basic_auth_pass="s3cret-pass")
+        settings = base_settings(
+            tmp_path_factory.mktemp("limits"),
+            sam_engine=BOX_ENGINE,
+            max_request_mb=8,
+            image_allowed_hosts=(images.netloc,),
+            basic_auth_user="ls",
+            basic_auth_pass="s3cret-pass",
+        )
         with sam_client(settings) as client:
             client.auth = ("ls", "s3cret-pass")
             yield client, images
@@ -338,14 +406,16 @@ def test_a_5_mb_interactive_request_is_admitted(limited):
 def test_a_body_over_max_request_mb_is_refused(limited, streamed):
     client, images = limited
     body = big_interactive_body(9, f"{images.url}/good.png")
-    content = (body[i:i + 2**20] for i in range(0, len(body), 2**20)) if streamed else body
+    content = (body[i : i + 2**20] for i in range(0, len(body), 2**20)) if streamed else body
     response = client.post("/predict", content=content, headers={"Content-Type": "application/json"})
     check_answer(response)
     assert response.status_code == 413 and "MAX_REQUEST_MB" in response.json()["error"], describe(response)
     check_healthy(client.get)
 
 
-@pytest.mark.parametrize("endpoint", ["/health", "/", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/docs"])
+@pytest.mark.parametrize(
+    "endpoint", ["/health", "/", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/docs"]
+)
 @pytest.mark.parametrize("credentials", ["none", "wrong-password", "wrong-user", "not-basic", "garbage"])
 def test_basic_auth_guards_every_endpoint(limited, endpoint, credentials):
     client, _ = limited
@@ -357,8 +427,13 @@ def test_basic_auth_guards_every_endpoint(limited, endpoint, credentials):
         "garbage": "Basic !!!not-base64!!!",
     }[credentials]
     method = "GET" if endpoint in ("/health", "/", "/versions", "/metrics", "/docs") else "POST"
-    response = client.request(method, endpoint, auth=None, headers={"Authorization": header} if header else {},
-                              json={} if method == "POST" else None)
+    response = client.request(
+        method,
+        endpoint,
+        auth=None,
+        headers={"Authorization": header} if header else {},
+        json={} if method == "POST" else None,
+    )
     assert response.status_code == 401, describe(response)
     assert response.headers["WWW-Authenticate"].startswith("Basic")
     check_answer(response)
@@ -380,8 +455,17 @@ def test_the_malicious_checkpoint_really_runs_code_when_unpickled(malicious, tmp
     checkpoint, _ = malicious
     control = tmp_path / "control-ran"
     save_malicious_checkpoint(checkpoint.with_name("control.pth"), control)
-    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
-                    str(checkpoint.with_name("control.pth"))], check=False, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
+            str(checkpoint.with_name("control.pth")),
+        ],
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
     assert control.exists()
 
 
@@ -424,8 +508,13 @@ def test_segmentation_backend_starts_without_a_refused_checkpoint(malicious, tmp
 @pytest.mark.e2e
 def test_sam_process_with_a_malicious_checkpoint_exits_with_a_clear_error(malicious, tmp_path):
     checkpoint, marker = malicious
-    env = {"SAM_ENGINE": "sam", "SAM_CHECKPOINT": str(checkpoint), "SAM_MODEL_TYPE": "vit_tiny", "DEVICE": "cpu",
-           "IMAGE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "SAM_ENGINE": "sam",
+        "SAM_CHECKPOINT": str(checkpoint),
+        "SAM_MODEL_TYPE": "vit_tiny",
+        "DEVICE": "cpu",
+        "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
+    }
     process = BackendProcess("sam", env, tmp_path / "sam.log")
     with pytest.raises(RuntimeError, match="did not start"):
         process.start(timeout_s=120)
@@ -438,10 +527,26 @@ def test_sam_process_with_a_malicious_checkpoint_exits_with_a_clear_error(malici
 
 
 HOSTILE_NAMES = [
-    "../../etc/passwd.png", "/etc/shadow", "gs://bucket/a/../../../root/.ssh/id_rsa.png", "..", ".", "...",
-    "C:\\Windows\\System32\\evil.png", "..\\..\\evil.png", "/data/upload/1/%2e%2e%2fescape.png", "a/b/../../../c.png",
-    "name\x00.png", ".hidden.png", "~/x.png", "con", "", " ", "\u202e\u0301gnp.exe", "x" * 500 + ".png",
-    "/data/local-files/?d=../../../etc/passwd", "http://host/../../x.png?X-Goog-Signature=abc",
+    "../../etc/passwd.png",
+    "/etc/shadow",
+    "gs://bucket/a/../../../root/.ssh/id_rsa.png",
+    "..",
+    ".",
+    "...",
+    "C:\\Windows\\System32\\evil.png",
+    "..\\..\\evil.png",
+    "/data/upload/1/%2e%2e%2fescape.png",
+    "a/b/../../../c.png",
+    "name\x00.png",
+    ".hidden.png",
+    "~/x.png",
+    "con",
+    "",
+    " ",
+    "\u202e\u0301gnp.exe",
+    "x" * 500 + ".png",
+    "/data/local-files/?d=../../../etc/passwd",
+    "http://host/../../x.png?X-Goog-Signature=abc",
 ]
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
@@ -459,19 +564,39 @@ def test_export_writes_only_inside_the_output_folder(tmp_path):
     from sdk_scripts.export_masks import export_project
 
     labels = ["../../Nucleus", "/abs/Cell", "..\\x"]
-    config = ('<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image">'
-              + "".join(f'<Label value="{label}"/>' for label in labels) + "</PolygonLabels></View>")
+    config = (
+        '<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image">'
+        + "".join(f'<Label value="{label}"/>' for label in labels)
+        + "</PolygonLabels></View>"
+    )
     square = [[10, 10], [60, 10], [60, 60], [10, 60]]
     tasks = [
-        {"id": task_id, "data": {"image": name},
-         "annotations": [{"id": task_id, "was_cancelled": False, "result": [
-             {"type": "polygonlabels", "from_name": "p", "to_name": "image", "original_width": 16,
-              "original_height": 12, "value": {"points": square, "polygonlabels": [labels[task_id % 3]]}}]}]}
+        {
+            "id": task_id,
+            "data": {"image": name},
+            "annotations": [
+                {
+                    "id": task_id,
+                    "was_cancelled": False,
+                    "result": [
+                        {
+                            "type": "polygonlabels",
+                            "from_name": "p",
+                            "to_name": "image",
+                            "original_width": 16,
+                            "original_height": 12,
+                            "value": {"points": square, "polygonlabels": [labels[task_id % 3]]},
+                        }
+                    ],
+                }
+            ],
+        }
         for task_id, name in enumerate(HOSTILE_NAMES, start=1)
     ]
     out = tmp_path / "export" / "out"
-    summary = export_project(tasks, config, out, "later", fetcher=None, with_images=False, progress=False,
-                             data_key="image")
+    summary = export_project(
+        tasks, config, out, "later", fetcher=None, with_images=False, progress=False, data_key="image"
+    )
     written = [path for path in (tmp_path / "export").rglob("*") if path.is_file()]
     named = [t for t in tasks if t["data"]["image"]]
     assert len(summary.exported) == len(named) and len(summary.skipped) == len(tasks) - len(named), summary

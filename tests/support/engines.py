@@ -14,6 +14,7 @@ y down). A backend loads them by name: SAM_ENGINE=BOX_ENGINE (or RED_ENGINE, DET
   byte-capped cache fills and evicts like real ones: a client that knows its image and prompt can
   check the exact answer, so any cross-talk between concurrent requests shows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ def check_prompt(width: int, height: int, box, points, point_labels) -> None:
     labels = list(point_labels or [])
     if len(points) != len(labels):
         raise InvalidPrompt(f"{len(points)} points but {len(labels)} labels")
-    for (x, y), label in zip(points, labels):
+    for (x, y), label in zip(points, labels, strict=True):
         if not (np.isfinite([x, y]).all() and 0 <= x <= width and 0 <= y <= height):
             raise InvalidPrompt(f"point {(x, y)} is not inside the {width}x{height} image")
         if label not in (0, 1):
@@ -72,10 +73,10 @@ class BoxEngine:
             cols = np.arange(width) + 0.5
             rows = np.arange(height) + 0.5
             mask |= ((rows[:, None] >= y0) & (rows[:, None] <= y1)) & ((cols[None, :] >= x0) & (cols[None, :] <= x1))
-        for (x, y), label in zip(points or [], point_labels or []):
+        for (x, y), label in zip(points or [], point_labels or [], strict=False):  # no labels: no points drawn
             if label == 1:
                 row, col = int(y), int(x)
-                mask[max(0, row - 2): row + 3, max(0, col - 2): col + 3] = True
+                mask[max(0, row - 2) : row + 3, max(0, col - 2) : col + 3] = True
         return mask, 0.5
 
 
@@ -139,7 +140,7 @@ def expected_mask(
         if x1 > x0 and y1 > y0:
             rows, cols = np.mgrid[y0:y1, x0:x1]
             mask[y0:y1, x0:x1] = (cols + 2 * rows + phase) % period != 0
-    for (x, y), label in zip(points or [], point_labels or []):
+    for (x, y), label in zip(points or [], point_labels or [], strict=False):  # no labels: no points drawn
         col, row = round(float(x)), round(float(y))
         mask[max(row - 1, 0) : row + 2, max(col - 1, 0) : col + 2] = bool(label)
     return mask

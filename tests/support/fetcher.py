@@ -1,4 +1,5 @@
 """An in-process stand-in for backends.images.fetcher.ImageFetcher: no network, every load recorded."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

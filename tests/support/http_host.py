@@ -10,6 +10,7 @@ and `start()` take the host down and bring it back on the same port (a service t
 `SilentSocket` accepts connections and never answers; `closed_port_url()` is a URL where nothing
 listens. Nothing here reaches beyond loopback.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         parts = urlsplit(self.path)
-        request = RecordedRequest(self.command, parts.path, parse_qs(parts.query), dict(self.headers.items()), body,
-                                  time.monotonic())
+        request = RecordedRequest(
+            self.command, parts.path, parse_qs(parts.query), dict(self.headers.items()), body, time.monotonic()
+        )
         host.requests.append(request)
         try:
             self._send(host.answer(request), host.closing)
@@ -103,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         if reply.drip == "body":
-            self._drip((reply.body[i:i + 1] for i in range(len(reply.body))), reply.drip_s, closing)
+            self._drip((reply.body[i : i + 1] for i in range(len(reply.body))), reply.drip_s, closing)
         else:
             self.wfile.write(reply.body)
 
@@ -180,8 +182,7 @@ class HttpHost:
         if self._httpd is None:  # stopped before: back on the same port
             self._httpd = self._bind(self.port)
         self.closing.clear()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 

@@ -2,6 +2,7 @@
 
 Pixels are (H, W, 3) uint8 RGB, row 0 at the top; masks are (H, W) bool.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,9 @@ def noisy_rgb(height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def cells(seed: int, size: tuple[int, int] = (96, 96), disks: int = 4, margin: int = 12,
-          radii: tuple[int, int] = (6, 11)) -> tuple[np.ndarray, np.ndarray]:
+def cells(
+    seed: int, size: tuple[int, int] = (96, 96), disks: int = 4, margin: int = 12, radii: tuple[int, int] = (6, 11)
+) -> tuple[np.ndarray, np.ndarray]:
     """(image, truth) of `size` (height, width): `disks` bright disks (centres at least `margin` px
     from the border, radius in [radii[0], radii[1]) px) on a noisy dark background; the same for
     the same arguments."""

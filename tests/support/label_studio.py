@@ -12,6 +12,7 @@
 - 404 for anything else, also for paths it cannot parse (a fuzzer's), never a dropped connection.
 `stop()` and `start()` take it down and back on the same port. `make_jwt` writes Label Studio-like JWTs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -82,7 +83,7 @@ class FakeLabelStudio:
         if header == f"Token {self.legacy_token}":
             return True
         if header.startswith("Bearer "):
-            expiry = self.issued.get(header[len("Bearer "):])
+            expiry = self.issued.get(header[len("Bearer ") :])
             return expiry is not None and time.time() < expiry
         return False
 

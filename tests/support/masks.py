@@ -1,4 +1,5 @@
 """Comparing (H, W) bool masks."""
+
 from __future__ import annotations
 
 import numpy as np

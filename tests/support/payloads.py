@@ -6,6 +6,7 @@ Region coordinates are PERCENT of original_width / original_height (x right, y d
 the way a careless client could (NaN and Infinity allowed), so the servers' handling of
 non-finite numbers is exercised too.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,28 @@ BRUSH_CONFIG = """<View>
 </View>"""
 
 # BRUSH_CONFIG plus a smart rectangle that only prompts the ML backend (SAM in Label Studio).
-SMART_ONLY_CONFIG = BRUSH_CONFIG.replace("</View>", (
-    '  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true"><Label value="Nucleus"/>'
-    "</RectangleLabels>\n</View>"))
+SMART_ONLY_CONFIG = BRUSH_CONFIG.replace(
+    "</View>",
+    (
+        '  <RectangleLabels name="box" toName="image" smart="true" smartOnly="true"><Label value="Nucleus"/>'
+        "</RectangleLabels>\n</View>"
+    ),
+)
 
 WEBHOOK_ACTIONS = (
-    "TASKS_CREATED", "TASKS_DELETED", "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
-    "ANNOTATION_DELETED", "ANNOTATIONS_DELETED", "START_TRAINING", "PROJECT_UPDATED", "PROJECT_CREATED",
-    "PROJECT_DELETED", "LABEL_LINK_CREATED", "REVIEW_CREATED",
+    "TASKS_CREATED",
+    "TASKS_DELETED",
+    "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATION_DELETED",
+    "ANNOTATIONS_DELETED",
+    "START_TRAINING",
+    "PROJECT_UPDATED",
+    "PROJECT_CREATED",
+    "PROJECT_DELETED",
+    "LABEL_LINK_CREATED",
+    "REVIEW_CREATED",
 )
 
 
@@ -83,8 +98,16 @@ def task(task_id: Any, image: Any = "/data/upload/1/cells.png", **extra: Any) ->
 
 
 def annotation(annotation_id: int, result: list, updated_at: str = UPDATED_AT, cancelled: bool = False) -> dict:
-    return {"id": annotation_id, "result": result, "was_cancelled": cancelled, "ground_truth": False,
-            "created_at": updated_at, "updated_at": updated_at, "lead_time": 3.2, "completed_by": 1}
+    return {
+        "id": annotation_id,
+        "result": result,
+        "was_cancelled": cancelled,
+        "ground_truth": False,
+        "created_at": updated_at,
+        "updated_at": updated_at,
+        "lead_time": 3.2,
+        "completed_by": 1,
+    }
 
 
 def project(config: str = LABEL_CONFIG, project_id: int = 1) -> dict:
@@ -101,8 +124,7 @@ def rectangle(x, y, width, height, label="Nucleus", original=(160, 120), rotatio
         "original_width": original[0],
         "original_height": original[1],
         "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation,
-                  "rectanglelabels": [label]},
+        "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation, "rectanglelabels": [label]},
         "id": "rect1",
         "from_name": "box",
         "to_name": "image",
@@ -117,8 +139,15 @@ def rectangle_around(mask: np.ndarray, label: str = "Nucleus", **extra) -> dict:
     height, width = mask.shape
     rows, cols = np.nonzero(mask)
     x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
-    return rectangle(100.0 * x0 / width, 100.0 * y0 / height, 100.0 * (x1 - x0) / width,
-                     100.0 * (y1 - y0) / height, label, (width, height), **extra)
+    return rectangle(
+        100.0 * x0 / width,
+        100.0 * y0 / height,
+        100.0 * (x1 - x0) / width,
+        100.0 * (y1 - y0) / height,
+        label,
+        (width, height),
+        **extra,
+    )
 
 
 def keypoint(x, y, positive=True, label="Nucleus", original=(160, 120), width=0.6, **extra) -> dict:
@@ -143,9 +172,16 @@ def brush(mask: np.ndarray, label: str = "Nucleus", region_id: str = "b1", from_
     from backends.masks.rle import encode_rle
 
     height, width = mask.shape
-    return {"id": region_id, "from_name": from_name, "to_name": "image", "type": "brushlabels",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
+    return {
+        "id": region_id,
+        "from_name": from_name,
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]},
+    }
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -164,10 +200,19 @@ def predict_body(tasks: list, context: Any = None, config: str | None = LABEL_CO
     return body
 
 
-def setup_body(config: str = LABEL_CONFIG, access_token: str = "", hostname: str = "http://localhost:8080",
-               extra_params: Any = None) -> dict:
-    return {"project": PROJECT, "schema": config, "hostname": hostname, "access_token": access_token,
-            "extra_params": extra_params}
+def setup_body(
+    config: str = LABEL_CONFIG,
+    access_token: str = "",
+    hostname: str = "http://localhost:8080",
+    extra_params: Any = None,
+) -> dict:
+    return {
+        "project": PROJECT,
+        "schema": config,
+        "hostname": hostname,
+        "access_token": access_token,
+        "extra_params": extra_params,
+    }
 
 
 def webhook_body(action: str, project_id: int = 1, config: str = LABEL_CONFIG, **extra: Any) -> dict:

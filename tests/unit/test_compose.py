@@ -6,6 +6,7 @@ of the README are asserted: services, ports, healthchecks, profiles, service-nam
 compose network, and every variable documented in .env.example. Where a `docker-compose` v2 binary
 is on PATH, its own loader checks the files too.
 """
+
 from __future__ import annotations
 
 import json
@@ -242,7 +243,8 @@ def test_label_studio_environment(resolved, env_example):
     # Real GCS by default: Label Studio's own default proxied-read URL, placeholders intact.
     assert env["STORAGE_EMULATOR_HOST"] == ""
     assert env["LABEL_STUDIO_RESOLVER_PROXY_GCS_DOWNLOAD_URL"] == (
-        "https://storage.googleapis.com/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media")
+        "https://storage.googleapis.com/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media"
+    )
     assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
     assert env["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
     for key in ("LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN"):
@@ -254,8 +256,11 @@ def test_label_studio_environment(resolved, env_example):
 
 
 def test_dev_profile_values_point_label_studio_at_the_emulator(compose, env_example):
-    dev = {**env_example, "LS_STORAGE_EMULATOR_HOST": "http://fake-gcs-server:4443",
-           "LS_GCS_DOWNLOAD_URL": "http://fake-gcs-server:4443/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media"}
+    dev = {
+        **env_example,
+        "LS_STORAGE_EMULATOR_HOST": "http://fake-gcs-server:4443",
+        "LS_GCS_DOWNLOAD_URL": "http://fake-gcs-server:4443/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media",
+    }
     env = environment(interpolate_tree(compose, dev)["services"]["label-studio"])
     assert env["STORAGE_EMULATOR_HOST"] == "http://fake-gcs-server:4443"
     assert env["LABEL_STUDIO_RESOLVER_PROXY_GCS_DOWNLOAD_URL"].startswith("http://fake-gcs-server:4443/download/")
@@ -324,8 +329,23 @@ def test_docker_compose_config_accepts_the_files(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text(ENV_EXAMPLE.read_text())
     result = subprocess.run(
-        [*command, "--project-directory", str(REPO_ROOT), "--env-file", str(env_file),
-         "-f", str(COMPOSE), "-f", str(GPU_OVERRIDE), "--profile", "dev", "config", "--quiet"],
-        capture_output=True, text=True, timeout=60,
+        [
+            *command,
+            "--project-directory",
+            str(REPO_ROOT),
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(COMPOSE),
+            "-f",
+            str(GPU_OVERRIDE),
+            "--profile",
+            "dev",
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr

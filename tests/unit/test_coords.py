@@ -1,4 +1,5 @@
 """Percent <-> pixel conversions of Label Studio regions."""
+
 from __future__ import annotations
 
 import math
@@ -8,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends.errors import BadRequest
 from backends.masks.coords import (
     percent_box_to_pixels,
     percent_point_to_pixels,
     percent_to_pixels,
     pixels_to_percent,
 )
-from backends.errors import BadRequest
 
 
 def test_box_percent_to_xyxy_pixels():
@@ -60,8 +61,18 @@ def test_full_turn_is_no_rotation():
         {"x": -50, "y": 10, "width": 20, "height": 5},
         {"x": 10, "y": 10, "width": 5, "height": 5, "rotation": float("nan")},
     ],
-    ids=["zero-width", "negative-height", "nan", "inf", "missing", "string", "bool", "right-of-image",
-         "left-of-image", "nan-rotation"],
+    ids=[
+        "zero-width",
+        "negative-height",
+        "nan",
+        "inf",
+        "missing",
+        "string",
+        "bool",
+        "right-of-image",
+        "left-of-image",
+        "nan-rotation",
+    ],
 )
 def test_bad_boxes_raise_bad_request(value):
     with pytest.raises(BadRequest):

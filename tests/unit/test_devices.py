@@ -1,4 +1,5 @@
 """DEVICE -> a torch device: one rule for the SAM and segmentation backends."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,8 @@
 """ImageCache: byte cap never exceeded, LRU order, atomic files, restarts, concurrency."""
+
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -14,10 +16,8 @@ def disk_bytes(directory: Path) -> int:
     """Bytes in `directory`, tolerating files that vanish while it is listed (concurrent eviction)."""
     total = 0
     for path in directory.iterdir() if directory.exists() else ():
-        try:
+        with contextlib.suppress(FileNotFoundError):
             total += path.stat().st_size
-        except FileNotFoundError:
-            pass
     return total
 
 
@@ -29,8 +29,14 @@ def test_round_trip_under_hashed_names(tmp_path):
     assert cache.get(identity) == b"abc"
     names = os.listdir(tmp_path / "c")
     assert names == [hashlib.sha256(identity.encode()).hexdigest()]
-    counts = {"hits": cache.hits, "misses": cache.misses, "evictions": cache.evictions, "bytes": cache.total_bytes,
-              "entries": len(cache), "capacity_bytes": cache.capacity_bytes}
+    counts = {
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "evictions": cache.evictions,
+        "bytes": cache.total_bytes,
+        "entries": len(cache),
+        "capacity_bytes": cache.capacity_bytes,
+    }
     assert counts == {"hits": 1, "misses": 1, "evictions": 0, "bytes": 3, "entries": 1, "capacity_bytes": 1000}
 
 
@@ -48,7 +54,7 @@ def test_least_recently_used_is_evicted_first(tmp_path):
 def test_capacity_is_never_exceeded(tmp_path):
     rng = random.Random(0)
     cache = ImageCache(tmp_path, 10_000)
-    for step in range(200):
+    for _ in range(200):
         cache.put(f"k{rng.randrange(60)}", bytes(rng.randrange(1, 3000)))
         assert disk_bytes(tmp_path) <= 10_000
         assert cache.total_bytes == disk_bytes(tmp_path)

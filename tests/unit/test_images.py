@@ -1,4 +1,5 @@
 """ImageFetcher against real loopback HTTP servers: auth, resolve, SSRF guard, limits, retries, decoding."""
+
 from __future__ import annotations
 
 import base64
@@ -188,12 +189,14 @@ def test_host_outside_the_allow_list_is_forbidden(tmp_path):
 
 
 def test_redirect_escaping_the_allow_list_is_forbidden(tmp_path):
-    with HttpHost(app=lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as outside:
-        with HttpHost(app=lambda request: Reply(302, b"", {"Location": f"{outside.url}/x.png"})) as allowed:
-            fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{allowed.port}",))
-            with pytest.raises(ForbiddenImageSource, match=f"127.0.0.1:{outside.port}"):
-                fetcher.load(f"{allowed.url}/a.png", 1)
-            assert outside.requests == []
+    with (
+        HttpHost(app=lambda request: Reply(200, hi.png(hi.quadrant_rgb()), PNG)) as outside,
+        HttpHost(app=lambda request: Reply(302, b"", {"Location": f"{outside.url}/x.png"})) as allowed,
+    ):
+        fetcher = make_fetcher(tmp_path, image_allowed_hosts=(f"127.0.0.1:{allowed.port}",))
+        with pytest.raises(ForbiddenImageSource, match=f"127.0.0.1:{outside.port}"):
+            fetcher.load(f"{allowed.url}/a.png", 1)
+        assert outside.requests == []
 
 
 def test_redirect_loops_are_bounded(tmp_path):
@@ -204,16 +207,26 @@ def test_redirect_loops_are_bounded(tmp_path):
         assert len(looping.requests) == 6
 
 
-@pytest.mark.parametrize("uri", ["file:///etc/passwd", "ftp://127.0.0.1/a.png", "data:image/png;base64,AAAA",
-                                 "//127.0.0.1/a.png"])
+@pytest.mark.parametrize(
+    "uri", ["file:///etc/passwd", "ftp://127.0.0.1/a.png", "data:image/png;base64,AAAA", "//127.0.0.1/a.png"]
+)
 def test_other_schemes_are_forbidden(uri, tmp_path):
     fetcher = make_fetcher(tmp_path, image_allowed_hosts=("127.0.0.1",))
     with pytest.raises(ForbiddenImageSource, match="not allowed"):
         fetcher.fetch_bytes(uri, 1)
 
 
-@pytest.mark.parametrize("host", ["169.254.169.254", "metadata.google.internal", "[fd00:ec2::254]",
-                                  "2852039166", "[::ffff:169.254.169.254]", "169.254.1.1:8080"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "169.254.169.254",
+        "metadata.google.internal",
+        "[fd00:ec2::254]",
+        "2852039166",
+        "[::ffff:169.254.169.254]",
+        "169.254.1.1:8080",
+    ],
+)
 def test_metadata_addresses_are_forbidden_even_when_listed(host, tmp_path):
     bare = host.split("]")[0].strip("[") if host.startswith("[") else host.split(":")[0]
     fetcher = make_fetcher(tmp_path, image_allowed_hosts=(host, bare))
@@ -273,8 +286,9 @@ def test_server_that_never_answers_times_out(tmp_path):
 
 
 def test_label_studio_down_is_reported_as_unavailable(tmp_path):
-    fetcher = make_fetcher(tmp_path, label_studio_url=closed_port_url(), label_studio_api_key="a" * 40,
-                           image_fetch_retries=1)
+    fetcher = make_fetcher(
+        tmp_path, label_studio_url=closed_port_url(), label_studio_api_key="a" * 40, image_fetch_retries=1
+    )
     with pytest.raises(LabelStudioUnavailable, match="could not be reached"):
         fetcher.fetch_bytes("/data/upload/1/a.png", 1)
     assert fetcher.label_studio.health() is False
@@ -282,8 +296,13 @@ def test_label_studio_down_is_reported_as_unavailable(tmp_path):
 
 def test_fetches_fail_fast_while_the_probe_says_label_studio_hangs(tmp_path):
     with SilentSocket() as silent:
-        fetcher = make_fetcher(tmp_path, label_studio_url=silent.url, label_studio_api_key="a" * 40,
-                               image_fetch_timeout_s=5.0, image_fetch_retries=2)
+        fetcher = make_fetcher(
+            tmp_path,
+            label_studio_url=silent.url,
+            label_studio_api_key="a" * 40,
+            image_fetch_timeout_s=5.0,
+            image_fetch_retries=2,
+        )
         assert fetcher.label_studio.health() is False
         started = time.monotonic()
         with pytest.raises(LabelStudioUnavailable):
@@ -353,6 +372,7 @@ def test_exif_orientation_is_applied():
     decoded = decode_image(hi.jpeg_with_orientation(pixels, 6), 10**6)
     # Orientation 6: shown rotated 90 degrees clockwise, so the stored top-left (red) is shown top-right.
     assert decoded.shape == (60, 40, 3)
+
     def near(pixel, colour):
         return np.abs(pixel.astype(int) - np.array(colour)).max() < 40
 
@@ -461,13 +481,17 @@ def test_gcs_direct_read_against_the_emulator(tmp_path, monkeypatch):
             small.fetch_bytes("gs://images/dir/a.png")
 
 
-@pytest.mark.parametrize("uri, task_id", [("", 1), ("   ", 1), (None, 1), ({"url": "x"}, 1), ("/data/upload/a.png", "7")])
+@pytest.mark.parametrize(
+    "uri, task_id", [("", 1), ("   ", 1), (None, 1), ({"url": "x"}, 1), ("/data/upload/a.png", "7")]
+)
 def test_malformed_arguments_are_bad_requests(uri, task_id, tmp_path):
     with pytest.raises(BadRequest):
         make_fetcher(tmp_path, label_studio_url="http://127.0.0.1:1").fetch_bytes(uri, task_id)
 
 
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:notaport/a.png", "http://[::1/a.png", "https://user:pw@host:99999/a.png"])
+@pytest.mark.parametrize(
+    "uri", ["http://127.0.0.1:notaport/a.png", "http://[::1/a.png", "https://user:pw@host:99999/a.png"]
+)
 def test_malformed_urls_are_bad_requests_not_crashes(tmp_path, uri):
     from backends.images.sources import display_uri
 

@@ -1,4 +1,5 @@
 """Label config parsing: upstream-style configs and adversarial ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -121,9 +122,15 @@ def test_an_unlabelled_brush_gets_no_region_and_tag_case_is_ignored():
 
 @pytest.mark.parametrize(
     "xml",
-    ["", "   ", "<View>", "<View><Image name='i' value='$i'></View>", "not xml at all",
-     '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]><View>&lol;</View>',
-     "<View>\ud800</View>"],
+    [
+        "",
+        "   ",
+        "<View>",
+        "<View><Image name='i' value='$i'></View>",
+        "not xml at all",
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]><View>&lol;</View>',
+        "<View>\ud800</View>",
+    ],
     ids=["empty", "blank", "unclosed", "mismatched", "text", "entity", "lone-surrogate"],
 )
 def test_malformed_configs_raise_label_config_error(xml):
@@ -138,12 +145,17 @@ def test_label_config_error_is_a_bad_request():
 @pytest.mark.parametrize(
     "xml, message",
     [
-        ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="A"/></Labels></View>',
-         "Image"),
-        ('<View><Image name="image" value="$image"/>'
-         '<RectangleLabels name="r" toName="image"><Label value="A"/></RectangleLabels></View>', "BrushLabels"),
-        ('<View><Image name="image" value="$image"/><Image name="other" value="$o"/>'
-         '<BrushLabels name="b" toName="missing"><Label value="A"/></BrushLabels></View>', "BrushLabels"),
+        ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="A"/></Labels></View>', "Image"),
+        (
+            '<View><Image name="image" value="$image"/>'
+            '<RectangleLabels name="r" toName="image"><Label value="A"/></RectangleLabels></View>',
+            "BrushLabels",
+        ),
+        (
+            '<View><Image name="image" value="$image"/><Image name="other" value="$o"/>'
+            '<BrushLabels name="b" toName="missing"><Label value="A"/></BrushLabels></View>',
+            "BrushLabels",
+        ),
         ('<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image"/></View>', "Label"),
     ],
     ids=["no-image", "no-output", "output-on-unknown-image", "output-without-labels"],

@@ -1,4 +1,5 @@
 """Log redaction: each secret pattern, what must survive, and the filter on real handlers."""
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,10 @@ JWT = make_jwt({"token_type": "refresh", "exp": 1893456000, "user_id": 1})
         ("https://h/a.png?X-Goog-Signature=deadbeef99&X-Goog-Credential=sa%40p", "deadbeef99"),
         ("https://h/a.png?sv=2022&sig=AbC%2Fdef&se=2030", "AbC%2Fdef"),
         ("connecting to https://admin:s3cr3tpw@ls.example.com:8080/api", "s3cr3tpw"),
-        ("opaque value Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u here", "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u"),
+        (
+            "opaque value Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u here",
+            "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u",
+        ),
         (f"key {LEGACY} leaked", LEGACY),
     ],
 )

@@ -1,4 +1,5 @@
 """LabelStudioAuth against a real loopback token endpoint issuing short-lived JWTs."""
+
 from __future__ import annotations
 
 import threading
@@ -43,7 +44,9 @@ def test_legacy_token_header_needs_no_request(ls):
 
 
 def test_key_pasted_with_its_scheme_is_accepted(ls):
-    assert LabelStudioAuth(ls.url, f"Token {ls.legacy_token}").headers() == {"Authorization": f"Token {ls.legacy_token}"}
+    assert LabelStudioAuth(ls.url, f"Token {ls.legacy_token}").headers() == {
+        "Authorization": f"Token {ls.legacy_token}"
+    }
 
 
 def test_pat_is_exchanged_for_a_bearer_access_token_and_reused(ls):
@@ -52,7 +55,7 @@ def test_pat_is_exchanged_for_a_bearer_access_token_and_reused(ls):
     first = auth.headers()
     assert first["Authorization"].startswith("Bearer ")
     assert first["Authorization"] != f"Bearer {ls.pat}"
-    assert first["Authorization"][len("Bearer "):] in ls.issued
+    assert first["Authorization"][len("Bearer ") :] in ls.issued
     clock.now += 60  # well before expiry: no new refresh
     assert auth.headers() == first
     assert ls.refreshes == 1
@@ -88,7 +91,7 @@ def test_unauthorized_forces_a_new_refresh(ls):
     auth.on_unauthorized()
     second = auth.headers()
     assert ls.refreshes == 2
-    assert second != first and second["Authorization"][len("Bearer "):] in ls.issued
+    assert second != first and second["Authorization"][len("Bearer ") :] in ls.issued
 
 
 def test_concurrent_callers_share_one_refresh(ls):

@@ -1,4 +1,5 @@
 """LabelStudioClient.get_json against a loopback Label Studio: auth, one refresh after a 401, errors."""
+
 from __future__ import annotations
 
 import pytest

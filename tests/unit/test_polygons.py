@@ -1,4 +1,5 @@
 """Mask <-> polygon: exact rasterisation conventions, holes, round trips on real nuclei."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Result regions: brush/polygon regions from masks, and annotations -> class-index masks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,19 +24,30 @@ def box_mask(r0, r1, c0, c1) -> np.ndarray:
 
 def brush_result(mask, label, **extra) -> dict:
     return {
-        "type": "brushlabels", "from_name": "tag", "to_name": "image",
-        "original_width": W, "original_height": H,
-        "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}, **extra,
+        "type": "brushlabels",
+        "from_name": "tag",
+        "to_name": "image",
+        "original_width": W,
+        "original_height": H,
+        "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]},
+        **extra,
     }
 
 
 def test_brush_region_shape_and_content():
     mask = box_mask(5, 20, 10, 30)
     region = brush_region(mask, "Cell", TAG, score=0.875)
-    assert {k: region[k] for k in ("from_name", "to_name", "type", "original_width", "original_height",
-                                   "image_rotation", "score")} == {
-        "from_name": "tag", "to_name": "image", "type": "brushlabels",
-        "original_width": W, "original_height": H, "image_rotation": 0, "score": 0.875,
+    assert {
+        k: region[k]
+        for k in ("from_name", "to_name", "type", "original_width", "original_height", "image_rotation", "score")
+    } == {
+        "from_name": "tag",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": 0,
+        "score": 0.875,
     }
     assert region["value"]["format"] == "rle" and region["value"]["brushlabels"] == ["Cell"]
     assert region["value"]["rle"] == brush.mask2rle(mask.astype(np.uint8) * 255)
@@ -119,7 +131,10 @@ def test_bad_regions_are_skipped_with_warnings():
 
 def test_polygon_regions_rasterise_at_the_requested_size():
     # Percent points do not depend on original_width/height.
-    square = {"type": "polygonlabels", "value": {"points": [[0, 0], [50, 0], [50, 50], [0, 50]], "polygonlabels": ["Cell"]}}
+    square = {
+        "type": "polygonlabels",
+        "value": {"points": [[0, 0], [50, 0], [50, 50], [0, 50]], "polygonlabels": ["Cell"]},
+    }
     class_mask, warnings = results_to_class_mask([square], {"Cell": 1}, 20, 10)
     assert warnings == [] and class_mask.sum() == 5 * 10
 

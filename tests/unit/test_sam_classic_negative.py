@@ -1,4 +1,5 @@
 """The `classic` engine: negative clicks change the mask, and scores estimate the mask's quality."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -97,4 +98,4 @@ def test_scores_rank_masks_by_their_true_iou_on_dsb2018_nuclei(shared_data):
             scores.append(score)
     assert len(scores) >= 100
     assert spearmanr(scores, ious).statistic > 0.5
-    assert np.mean(np.array(scores) > 0.999) < 0.05 and 0.0 <= min(scores) and max(scores) <= 1.0
+    assert np.mean(np.array(scores) > 0.999) < 0.05 and min(scores) >= 0.0 and max(scores) <= 1.0

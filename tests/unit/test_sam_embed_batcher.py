@@ -1,4 +1,5 @@
 """Dynamic batching of embeddings: batches form, interactive jobs go first, failures stay per image."""
+
 from __future__ import annotations
 
 import threading
@@ -103,7 +104,7 @@ def test_one_bad_image_in_a_batch_fails_alone():
     batcher = EmbedBatcher(engine, max_batch=3, wait_s=0.2)
     pool, futures = submit_all(batcher, [1, 2, 3])
     results = {}
-    for value, future in zip([1, 2, 3], futures):
+    for value, future in zip([1, 2, 3], futures, strict=True):
         try:
             results[value] = future.result(5)
         except ValueError as error:

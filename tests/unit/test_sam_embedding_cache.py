@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -10,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from sam.embedding_cache import ByteLRU, nbytes
 from backends.metrics import Metrics
+from sam.embedding_cache import ByteLRU, nbytes
 
 
 def sized(n: int) -> bytes:
@@ -171,7 +172,7 @@ def test_the_cap_is_never_exceeded_under_concurrent_hammering():
             size = rng.choice([0, 1, 300, 999, 2500, 4000, 10_000, 12_000])
             action = rng.random()
             if action < 0.5:
-                value = cache.get_or_compute(key, lambda: sized(size))
+                value = cache.get_or_compute(key, functools.partial(sized, size))
                 assert isinstance(value, bytes)
             elif action < 0.8:
                 cache.put(key, sized(size))

@@ -1,5 +1,6 @@
 """EmbeddingStore locking: a click never waits behind another image's embedding when the engine
 says embed and predict are independent, and always does (one lock) when it does not."""
+
 from __future__ import annotations
 
 import concurrent.futures

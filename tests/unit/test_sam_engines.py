@@ -1,4 +1,5 @@
 """The engines: classic (weight-free), sam (tiny random checkpoint), custom loading, the torchvision-free import."""
+
 from __future__ import annotations
 
 import subprocess
@@ -208,7 +209,9 @@ def test_load_engine_choices(tmp_path, tiny_checkpoint, caplog):
         engine = load_engine(Settings(sam_engine="auto", sam_checkpoint=str(tmp_path / "missing.pth")))
     assert isinstance(engine, ClassicEngine)
     assert "classic" in caplog.text
-    sam = load_engine(Settings(sam_engine="auto", sam_checkpoint=str(tiny_checkpoint), sam_model_type="vit_tiny", device="cpu"))
+    sam = load_engine(
+        Settings(sam_engine="auto", sam_checkpoint=str(tiny_checkpoint), sam_model_type="vit_tiny", device="cpu")
+    )
     assert sam.name == "sam-vit_tiny"
     custom = load_engine(Settings(sam_engine=f"{__name__}:CountingEngine"))
     assert isinstance(custom, CountingEngine) and custom.name == "CountingEngine"
@@ -237,7 +240,10 @@ def test_sam_refinement_feeds_the_previous_logits_back_as_mask_input(tiny_engine
     predictor.features, predictor.is_image_set = embedding.features, True
     predictor.original_size, predictor.input_size = embedding.original_size, embedding.input_size
     masks, scores, _ = predictor.predict(
-        point_coords=np.array(points, np.float32), point_labels=np.array(labels), box=np.array([40, 30, 100, 80], np.float32),
-        mask_input=first.logits[None], multimask_output=False,
+        point_coords=np.array(points, np.float32),
+        point_labels=np.array(labels),
+        box=np.array([40, 30, 100, 80], np.float32),
+        mask_input=first.logits[None],
+        multimask_output=False,
     )
     assert np.array_equal(refined.mask, masks[0]) and refined.score == float(scores[0])

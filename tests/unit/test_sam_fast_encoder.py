@@ -4,6 +4,7 @@ Tolerances (issue 13): embeddings cosine >= 0.9999 and masks IoU >= 0.99 on a fi
 random weights. The relative-position tables are randomised too: segment-anything initialises them
 to zero, which would hide a wrong bias.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -94,7 +95,7 @@ def test_sdpa_masks_match_the_original_encoder_on_fixed_prompts(engines):
 def test_a_batch_of_images_of_different_sizes_embeds_like_one_at_a_time(engines):
     _, fast = engines
     batch = fast.embed_batch(images())
-    for image, embedding in zip(images(), batch):
+    for image, embedding in zip(images(), batch, strict=True):
         single = fast.embed(image)
         assert embedding.original_size == single.original_size
         assert embedding.input_size == single.input_size

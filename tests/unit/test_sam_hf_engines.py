@@ -6,6 +6,7 @@ bit; refinement through `mask_input`; SAM 3 text prompts (one result per instanc
 threshold); embed / predict / text at the same time from several threads; safe loading.
 Nothing is downloaded (HF_HUB_OFFLINE): every checkpoint is written to a temp dir here.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -21,8 +22,7 @@ import torch.nn.functional as F
 
 from backends.errors import BadRequest
 from backends.settings import Settings
-from sam.engines import embedding_nbytes, load_engine
-from sam.engines import hf_common
+from sam.engines import embedding_nbytes, hf_common, load_engine
 from sam.engines.hf_testing import save_random_sam2, save_random_sam3
 
 SHAPES = [(90, 130), (130, 90), (64, 64), (40, 200)]  # (H, W): landscape, portrait, square, 5:1
@@ -89,7 +89,9 @@ def direct_call(engine, image, box=None, points=None, labels=None, multimask=Tru
     with torch.inference_mode():
         output = engine.model(pixel_values=pixels, multimask_output=multimask, **inputs)
     best = int(torch.argmax(output.iou_scores[0, 0]))
-    upsampled = F.interpolate(output.pred_masks[0, :, best : best + 1], (height, width), mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(
+        output.pred_masks[0, :, best : best + 1], (height, width), mode="bilinear", align_corners=False
+    )
     return (upsampled[0, 0] > 0).numpy(), float(output.iou_scores[0, 0, best]), output.pred_masks[0, 0, best].numpy()
 
 
@@ -176,7 +178,15 @@ class _EchoDecoder:
         self.size = engine.norm.size
         self.calls = []
 
-    def __call__(self, image_embeddings, multimask_output, input_boxes=None, input_points=None, input_labels=None, input_masks=None):
+    def __call__(
+        self,
+        image_embeddings,
+        multimask_output,
+        input_boxes=None,
+        input_points=None,
+        input_labels=None,
+        input_masks=None,
+    ):
         self.calls.append(dict(boxes=input_boxes, points=input_points))
         scale = self.low / self.size
         centres = (torch.arange(self.low, dtype=torch.float32) + 0.5) / scale  # low-res cell centres, model frame
@@ -186,7 +196,7 @@ class _EchoDecoder:
             x0, y0, x1, y1 = input_boxes[0, 0].tolist()
             inside |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
         else:
-            for (x, y), label in zip(input_points[0, 0].tolist(), input_labels[0, 0].tolist()):
+            for (x, y), label in zip(input_points[0, 0].tolist(), input_labels[0, 0].tolist(), strict=True):
                 if label == 1:
                     inside |= (xs - x) ** 2 + (ys - y) ** 2 <= (self.size / 8) ** 2
         logits = torch.where(inside, 10.0, -10.0)
@@ -204,12 +214,18 @@ def test_a_box_in_original_pixels_comes_back_as_a_mask_in_original_pixels(engine
     assert mask.shape == (height, width) and mask.dtype == bool and score == pytest.approx(0.9)
     size = engine.norm.size
     sent = echo.calls[-1]["boxes"][0, 0].tolist()
-    assert sent == pytest.approx([box[0] * size / width, box[1] * size / height, box[2] * size / width, box[3] * size / height])
-    assert torch.equal(echo.calls[-1]["boxes"], to_model_frame(torch.tensor([[box]], dtype=torch.float32), engine, height, width))
+    assert sent == pytest.approx(
+        [box[0] * size / width, box[1] * size / height, box[2] * size / width, box[3] * size / height]
+    )
+    assert torch.equal(
+        echo.calls[-1]["boxes"], to_model_frame(torch.tensor([[box]], dtype=torch.float32), engine, height, width)
+    )
     expected = np.zeros(shape, bool)
     expected[int(round(box[1])) : int(round(box[3])), int(round(box[0])) : int(round(box[2]))] = True
     cell = max(height, width) / (engine.mask_input_size[0])  # one low-res cell, in original pixels
-    assert np.logical_and(mask, expected).sum() / np.logical_or(mask, expected).sum() > 1 - 4 * cell / min(height, width)
+    assert np.logical_and(mask, expected).sum() / np.logical_or(mask, expected).sum() > 1 - 4 * cell / min(
+        height, width
+    )
     rows, cols = np.nonzero(mask)
     assert abs(cols.min() - box[0]) <= cell * width / max(height, width) + 1
     assert abs(rows.max() + 1 - box[3]) <= cell * height / max(height, width) + 1
@@ -262,7 +278,7 @@ def test_sam3_embeds_once_for_tracker_and_detector_exactly_as_the_library(sam3):
         reference = sam3.model.get_image_embeddings(pixels)
     embedding = sam3.embed(image_of(90, 130))
     assert len(embedding.features) == len(reference) == 3
-    for ours, theirs in zip(embedding.features, reference):
+    for ours, theirs in zip(embedding.features, reference, strict=True):
         assert torch.equal(ours, theirs)
     assert sam3.detector.vision_encoder.backbone is sam3.model.vision_encoder.backbone  # one copy in memory
 
@@ -271,9 +287,9 @@ def test_embedding_bytes_count_every_tensor_and_batches_match_single_images(engi
     images = [image_of(90, 130), image_of(50, 70, seed=1)]
     single = [engine.embed(image) for image in images]
     batched = engine.embed_batch(images)
-    for one, many in zip(single, batched):
+    for one, many in zip(single, batched, strict=True):
         assert one.original_size == many.original_size
-        for a, b in zip(one.features, many.features):
+        for a, b in zip(one.features, many.features, strict=True):
             assert torch.allclose(a, b, atol=1e-5)
             assert b.untyped_storage().nbytes() == b.nelement() * 4  # its own copy, not a view of the batch
     expected = sum(t.nelement() * 4 for t in single[0].features)
@@ -289,7 +305,9 @@ def test_previous_logits_as_mask_input_reach_the_decoder_and_change_the_answer(e
     embedding = engine.embed(image_of(90, 130))
     first = engine.predict_with_logits(embedding, points=[[55, 50]], point_labels=[1])
     again = engine.predict_with_logits(embedding, points=[[55, 50], [80, 30]], point_labels=[1, 1])
-    refined = engine.predict_with_logits(embedding, points=[[55, 50], [80, 30]], point_labels=[1, 1], mask_input=first.logits)
+    refined = engine.predict_with_logits(
+        embedding, points=[[55, 50], [80, 30]], point_labels=[1, 1], mask_input=first.logits
+    )
     assert not np.array_equal(refined.logits, again.logits)
     image = image_of(90, 130)
     pixels = hf_common.preprocess([image], engine.norm)
@@ -319,13 +337,17 @@ def test_text_prompt_equals_a_direct_detector_call(sam3, checkpoints):
     threshold = 0.25
     got = sam3.segment_text(sam3.embed(image), "nucleus", score_threshold=threshold)
     model = Sam3Model.from_pretrained(str(checkpoints.sam3), use_safetensors=True).eval()
-    tokens = AutoTokenizer.from_pretrained(str(checkpoints.sam3))(["nucleus"], padding="max_length", max_length=32, return_tensors="pt")
+    tokens = AutoTokenizer.from_pretrained(str(checkpoints.sam3))(
+        ["nucleus"], padding="max_length", max_length=32, return_tensors="pt"
+    )
     with torch.inference_mode():
         output = model(pixel_values=hf_common.preprocess([image], sam3.norm), **tokens)
     scores = (output.pred_logits.sigmoid() * output.presence_logits.sigmoid())[0]
     expected = []
     for index in torch.nonzero(scores > threshold).flatten().tolist():
-        probability = F.interpolate(output.pred_masks[:, index : index + 1].sigmoid(), (90, 130), mode="bilinear", align_corners=False)
+        probability = F.interpolate(
+            output.pred_masks[:, index : index + 1].sigmoid(), (90, 130), mode="bilinear", align_corners=False
+        )
         mask = (probability[0, 0] > 0.5).numpy()
         if mask.any():
             expected.append((float(scores[index]), mask.tobytes()))
@@ -349,13 +371,18 @@ def test_text_prompt_gives_one_result_per_instance_above_the_threshold(sam3, sha
     monkeypatch.setattr(sam3, "_detect", lambda embedding, phrase: answer)
     found = sam3.segment_text(sam3.embed(image_of(height, width)), "  cell \n", score_threshold=0.5)
     assert len(found) == 3
-    assert [round(r.score, 3) for r in found] == [round(torch.sigmoid(torch.tensor(v)).item() * torch.sigmoid(torch.tensor(5.0)).item(), 3) for v in (3.0, 2.0, 1.0)]
-    for result, (row, col) in zip(found, squares.values()):
+    assert [round(r.score, 3) for r in found] == [
+        round(torch.sigmoid(torch.tensor(v)).item() * torch.sigmoid(torch.tensor(5.0)).item(), 3)
+        for v in (3.0, 2.0, 1.0)
+    ]
+    for result, (row, col) in zip(found, squares.values(), strict=True):
         rows, cols = np.nonzero(result.mask)
         assert rows.min() == pytest.approx(row * height / low, abs=height / low + 1)
         assert cols.min() == pytest.approx(col * width / low, abs=width / low + 1)
         assert rows.max() + 1 == pytest.approx((row + 12) * height / low, abs=height / low + 1)
-    assert len(sam3.segment_text(sam3.embed(image_of(height, width)), "cell", score_threshold=0.5, max_instances=2)) == 2
+    assert (
+        len(sam3.segment_text(sam3.embed(image_of(height, width)), "cell", score_threshold=0.5, max_instances=2)) == 2
+    )
 
 
 def test_text_prompts_are_checked_and_need_the_detector(sam3, checkpoints):
@@ -383,7 +410,9 @@ def test_embed_predict_and_text_run_concurrently_with_the_answers_of_a_single_th
     reference_embeddings = [engine.embed(image) for image in images]
     reference = [engine.predict(e, box=box)[0] for e in reference_embeddings]
     has_text = getattr(engine, "supports_text", False)
-    text_reference = [engine.segment_text(e, "cell", score_threshold=0.0) for e in reference_embeddings] if has_text else []
+    text_reference = (
+        [engine.segment_text(e, "cell", score_threshold=0.0) for e in reference_embeddings] if has_text else []
+    )
 
     def embed_then_predict(index):
         return engine.predict(engine.embed(images[index]), box=box)[0]

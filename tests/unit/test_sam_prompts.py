@@ -1,4 +1,5 @@
 """Interactive context (Label Studio 1.23 smart tools) -> prompts in pixels."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def test_rectangle_percent_to_pixels():
 
 
 def test_keypoints_inside_refine_the_rectangle_and_loose_ones_form_their_own_prompt():
-    prompts = parse(rectangle(10, 20, 50, 40), keypoint(30, 40), keypoint(20, 30, positive=False), keypoint(90, 90, label="Cell"))
+    prompts = parse(
+        rectangle(10, 20, 50, 40), keypoint(30, 40), keypoint(20, 30, positive=False), keypoint(90, 90, label="Cell")
+    )
     assert len(prompts) == 2
     box, loose = prompts
     assert box.box == (20.0, 20.0, 120.0, 60.0)
@@ -80,7 +83,10 @@ def test_rectangle_partly_outside_is_clipped_and_rotated_one_uses_its_hull():
         (rectangle(10, 10, 10, 10, label="Mitochondrion"), "Mitochondrion"),
         (rectangle(10, 10, 10, 10, image_rotation=90), "rotated"),
         (keypoint(120, 50), "outside the image"),
-        ({**rectangle(10, 10, 10, 10), "value": {"x": 1, "y": 1, "width": 1, "height": 1, "rectanglelabels": []}}, "no label"),
+        (
+            {**rectangle(10, 10, 10, 10), "value": {"x": 1, "y": 1, "width": 1, "height": 1, "rectanglelabels": []}},
+            "no label",
+        ),
         ({**rectangle(10, 10, 10, 10), "type": "ellipselabels"}, "unsupported type"),
         ({"type": "rectanglelabels"}, "value"),
     ],

@@ -1,4 +1,5 @@
 """Pure parts of issue 10: refinement memory, text prompts and the output choice."""
+
 from __future__ import annotations
 
 import numpy as np

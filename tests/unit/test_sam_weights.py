@@ -1,4 +1,5 @@
 """`python -m sam.weights download`: SHA-256 verification, atomic write, a clear message when offline."""
+
 from __future__ import annotations
 
 import hashlib
@@ -71,7 +72,19 @@ def test_hash_mismatch_leaves_nothing(tmp_path, file_server):
 
 def test_offline_fails_with_a_clear_message(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "sam.weights", "download", "vit_b", "--dir", str(tmp_path), "--url", closed_port_url(), "--timeout", "5"],
+        [
+            sys.executable,
+            "-m",
+            "sam.weights",
+            "download",
+            "vit_b",
+            "--dir",
+            str(tmp_path),
+            "--url",
+            closed_port_url(),
+            "--timeout",
+            "5",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,4 +1,5 @@
 """sdk_scripts.common: settings, file-name sanitising, URIs, error handling of the command lines."""
+
 from __future__ import annotations
 
 import base64
@@ -27,11 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_settings_from_env_reads_every_variable_and_hides_secrets():
-    settings = CliSettings.from_env({
-        "LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": " secret-token ",
-        "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443",
-        "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p4ss", "LOG_LEVEL": "debug",
-    })
+    settings = CliSettings.from_env(
+        {
+            "LABEL_STUDIO_URL": "http://ls:8080/",
+            "LABEL_STUDIO_API_KEY": " secret-token ",
+            "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+            "STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443",
+            "BASIC_AUTH_USER": "u",
+            "BASIC_AUTH_PASS": "p4ss",
+            "LOG_LEVEL": "debug",
+        }
+    )
     assert settings.label_studio_url == "http://ls:8080"
     assert settings.label_studio_api_key == "secret-token"
     assert settings.google_application_credentials == "/k.json"
@@ -42,19 +49,22 @@ def test_settings_from_env_reads_every_variable_and_hides_secrets():
     assert CliSettings.from_env({"LABEL_STUDIO_API_KEY": "Token abc123"}).label_studio_api_key == "abc123"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("gs://bucket/a/b/cell_01.png", "cell_01"),
-    ("gs://bucket/a/../../etc/passwd.png", "passwd"),
-    ("..\\..\\windows\\win.ini", "win"),
-    ("../..", "item"),
-    ("", "item"),
-    (".hidden.png", "hidden"),
-    ("name with spaces & ünïcode.tif", "name_with_spaces_unicode"),
-    ("細胞.png", "item"),
-    ("/data/upload/3/abc-photo.JPG?token=xyz", "abc-photo"),
-    ("archive.tar.gz", "archive.tar"),
-    ("x" * 300 + ".png", "x" * 120),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gs://bucket/a/b/cell_01.png", "cell_01"),
+        ("gs://bucket/a/../../etc/passwd.png", "passwd"),
+        ("..\\..\\windows\\win.ini", "win"),
+        ("../..", "item"),
+        ("", "item"),
+        (".hidden.png", "hidden"),
+        ("name with spaces & ünïcode.tif", "name_with_spaces_unicode"),
+        ("細胞.png", "item"),
+        ("/data/upload/3/abc-photo.JPG?token=xyz", "abc-photo"),
+        ("archive.tar.gz", "archive.tar"),
+        ("x" * 300 + ".png", "x" * 120),
+    ],
+)
 def test_safe_stem(name, expected):
     stem = safe_stem(name)
     assert stem == expected
@@ -85,8 +95,12 @@ def test_original_uri_decodes_resolve_links_and_keeps_everything_else():
 
 
 def test_api_errors_become_one_line_messages_without_html():
-    body = {"detail": "Validation error", "validation_errors": {
-        "non_field_errors": ["Can't connect to ML backend http://x, <a href='https://labelstud.io'>Learn more</a>"]}}
+    body = {
+        "detail": "Validation error",
+        "validation_errors": {
+            "non_field_errors": ["Can't connect to ML backend http://x, <a href='https://labelstud.io'>Learn more</a>"]
+        },
+    }
     detail = api_error_detail(body)
     assert "<a" not in detail and "Learn more" in detail and "\n" not in detail
     assert "401" in describe_api_error(ApiError(status_code=401, body={}), "list projects")
@@ -138,23 +152,47 @@ def test_gcs_client_reports_a_missing_key_file(tmp_path):
 @pytest.mark.parametrize("script", ["setup_project", "import_gcs", "export_masks"])
 def test_scripts_have_help_and_fail_cleanly_without_configuration(script, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    shown = subprocess.run([sys.executable, "-m", f"sdk_scripts.{script}", "--help"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [sys.executable, "-m", f"sdk_scripts.{script}", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shown.returncode == 0 and "usage:" in shown.stdout
-    args = {"setup_project": ["--title", "x", "--skip-backends"],
-            "import_gcs": ["--project", "1", "--source", "gs://bucket/p"],
-            "export_masks": ["--project", "1", "--out", str(tmp_path / "out")]}[script]
-    failed = subprocess.run([sys.executable, "-m", f"sdk_scripts.{script}", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    args = {
+        "setup_project": ["--title", "x", "--skip-backends"],
+        "import_gcs": ["--project", "1", "--source", "gs://bucket/p"],
+        "export_masks": ["--project", "1", "--out", str(tmp_path / "out")],
+    }[script]
+    failed = subprocess.run(
+        [sys.executable, "-m", f"sdk_scripts.{script}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert failed.returncode == 2
     assert failed.stderr.strip().startswith("error: no Label Studio URL")
     assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
 
 
 def test_unreachable_label_studio_from_the_command_line(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}",
-           "LABEL_STUDIO_API_KEY": "0123456789abcdef-secret"}
-    failed = subprocess.run([sys.executable, "-m", "sdk_scripts.setup_project", "--title", "x", "--skip-backends"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}",
+        "LABEL_STUDIO_API_KEY": "0123456789abcdef-secret",
+    }
+    failed = subprocess.run(
+        [sys.executable, "-m", "sdk_scripts.setup_project", "--title", "x", "--skip-backends"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert failed.returncode == 2 and "cannot reach Label Studio" in failed.stderr
     assert "Traceback" not in failed.stderr and "0123456789abcdef-secret" not in failed.stderr + failed.stdout

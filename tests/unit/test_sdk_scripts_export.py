@@ -1,4 +1,5 @@
 """sdk_scripts.export_masks and mask_dataset: annotation choice, storage objects, mask files, Dataset."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ H, W = 24, 32
 
 def polygon(points_px: list[tuple[float, float]], label: str) -> dict:
     points = [[100.0 * x / W, 100.0 * y / H] for x, y in points_px]
-    return {"type": "polygonlabels", "from_name": "polygon", "to_name": "image", "original_width": W,
-            "original_height": H, "value": {"points": points, "polygonlabels": [label], "closed": True}}
+    return {
+        "type": "polygonlabels",
+        "from_name": "polygon",
+        "to_name": "image",
+        "original_width": W,
+        "original_height": H,
+        "value": {"points": points, "polygonlabels": [label], "closed": True},
+    }
 
 
 def rng_image(seed: int) -> np.ndarray:
@@ -41,8 +48,9 @@ def test_label_map_and_data_key_come_from_the_default_config():
     assert label_map_from_config(CONFIG) == {"Nucleus": 1, "Cell": 2}
     assert image_data_key(CONFIG) == "image"
     with pytest.raises(UserError, match="no BrushLabels or PolygonLabels"):
-        label_map_from_config('<View><Image name="i" value="$img"/><Choices name="c" toName="i">'
-                              '<Choice value="a"/></Choices></View>')
+        label_map_from_config(
+            '<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
+        )
 
 
 def test_default_config_has_every_tool_with_the_same_labels_and_metadata_headers():
@@ -117,9 +125,14 @@ def test_export_project_writes_images_masks_overlays_and_label_map(tmp_path):
     results = [brush(cell, "Cell"), brush(nucleus, "Nucleus"), polygon(u_shape, "Cell")]
     images = {"gs://b/p/img one.png": rng_image(1), "gs://b/p/img2.png": rng_image(2)}
     tasks = [
-        {"id": 7, "data": {"image": "gs://b/p/img one.png"}, "annotations": [
-            {"id": 1, "result": results, "updated_at": "2026-01-02"},
-            {"id": 2, "result": [brush(cell, "Cell")], "updated_at": "2026-01-01"}]},
+        {
+            "id": 7,
+            "data": {"image": "gs://b/p/img one.png"},
+            "annotations": [
+                {"id": 1, "result": results, "updated_at": "2026-01-02"},
+                {"id": 2, "result": [brush(cell, "Cell")], "updated_at": "2026-01-01"},
+            ],
+        },
         {"id": 8, "data": {"image": "gs://b/p/img2.png"}, "annotations": [{"id": 3, "result": [], "updated_at": "x"}]},
         {"id": 9, "data": {"image": "gs://b/p/missing.png"}, "annotations": [{"id": 4, "result": []}]},
     ]
@@ -137,7 +150,9 @@ def test_export_project_writes_images_masks_overlays_and_label_map(tmp_path):
     expected[18:22, 10:20] = 0  # the notch of the U
     assert mask.dtype == np.uint8 and mask.shape == (H, W)
     np.testing.assert_array_equal(mask, expected)
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "images" / "img_one.png")), images["gs://b/p/img one.png"])
+    np.testing.assert_array_equal(
+        np.array(Image.open(tmp_path / "images" / "img_one.png")), images["gs://b/p/img one.png"]
+    )
     assert np.array(Image.open(tmp_path / "overlays" / "img_one.png")).shape == (H, W, 3)
     assert not np.array(Image.open(tmp_path / "masks" / "img2.png")).any()  # an empty annotation: background
     index = json.loads((tmp_path / "tasks.json").read_text())
@@ -150,8 +165,13 @@ def test_overlap_rules_decide_who_wins(tmp_path):
     big[0:20, 0:20] = True
     small = np.zeros((H, W), bool)
     small[5:10, 5:10] = True
-    tasks = [{"id": 1, "data": {"image": "gs://b/a.png"},
-              "annotations": [{"id": 1, "result": [brush(small, "Nucleus"), brush(big, "Cell")]}]}]
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "gs://b/a.png"},
+            "annotations": [{"id": 1, "result": [brush(small, "Nucleus"), brush(big, "Cell")]}],
+        }
+    ]
     fetcher = FakeImageFetcher({"gs://b/a.png": rng_image(0)})
     seen = {}
     for rule in ("later", "earlier", "smaller"):
@@ -163,7 +183,13 @@ def test_overlap_rules_decide_who_wins(tmp_path):
 def test_masks_only_export_takes_the_size_from_the_regions(tmp_path):
     region = np.zeros((H, W), bool)
     region[1:3, 1:3] = True
-    tasks = [{"id": 1, "data": {"image": "/data/upload/1/a.png"}, "annotations": [{"id": 1, "result": [brush(region, "Cell")]}]}]
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "/data/upload/1/a.png"},
+            "annotations": [{"id": 1, "result": [brush(region, "Cell")]}],
+        }
+    ]
     summary = export_project(tasks, CONFIG, tmp_path, "later", None, with_images=False, progress=False)
     assert summary.exported == ["a"]
     assert (np.array(Image.open(tmp_path / "masks" / "a.png")) == region * 2).all()
@@ -184,7 +210,7 @@ def test_mask_dataset_loads_pairs_and_label_map(tmp_path):
     assert len(dataset) == 1 and dataset.unpaired == ["unlabelled"]
     assert dataset.labels == ("Nucleus", "Cell") and dataset.num_classes == 3
     x, y = dataset[0]
-    assert x.shape == (3, H, W) and x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (3, H, W) and x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert torch.allclose(x[:, 0, 0], torch.tensor(image[0, 0] / 255.0, dtype=torch.float32))
     assert y.shape == (H, W) and y.dtype == torch.int64 and torch.equal(y, torch.from_numpy(mask).long())
 

@@ -1,4 +1,5 @@
 """sdk_scripts.import_gcs: manifests, sidecars, matching, dedupe and the report."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ OBJECTS = ["cells/a.png", "cells/b.png", "cells/c.jpg", "cells/sub/d.tif"]
 
 
 def test_manifest_format_by_extension():
-    assert [manifest_format(n) for n in ("m.csv", "m.TSV", "m.jsonl", "m.ndjson", "m.json")] == \
-        ["csv", "csv", "jsonl", "jsonl", "json"]
+    assert [manifest_format(n) for n in ("m.csv", "m.TSV", "m.jsonl", "m.ndjson", "m.json")] == [
+        "csv",
+        "csv",
+        "jsonl",
+        "jsonl",
+        "json",
+    ]
     with pytest.raises(UserError, match="unknown format"):
         manifest_format("m.xlsx")
 
@@ -50,11 +56,16 @@ def test_csv_manifest_without_a_key_column_is_a_user_error():
 def test_json_lines_and_json_manifests_keep_types():
     lines = '{"image": "a.png", "sample": "S1", "depth": 3, "tags": ["x"]}\n\n{"image": "b.png", "depth": 4.5}\n'
     assert parse_manifest(lines, "jsonl").rows == {
-        "a.png": {"sample": "S1", "depth": 3, "tags": ["x"]}, "b.png": {"depth": 4.5}}
+        "a.png": {"sample": "S1", "depth": 3, "tags": ["x"]},
+        "b.png": {"depth": 4.5},
+    }
     as_list = json.dumps([{"name": "a.png", "sample": "S1"}])
     assert parse_manifest(as_list, "json").rows == {"a.png": {"sample": "S1"}}
     as_object = json.dumps({"a.png": {"sample": "S1"}, "gs://src/cells/b.png": {"sample": "S2"}})
-    assert parse_manifest(as_object, "json").rows == {"a.png": {"sample": "S1"}, "gs://src/cells/b.png": {"sample": "S2"}}
+    assert parse_manifest(as_object, "json").rows == {
+        "a.png": {"sample": "S1"},
+        "gs://src/cells/b.png": {"sample": "S2"},
+    }
     # An unreadable line is kept as a lost row; it no longer refuses the whole manifest (issue 8).
     broken = parse_manifest('{"image": "a.png"}\n{not json}\n', "jsonl")
     assert broken.rows == {"a.png": {}} and len(broken.lost) == 1 and "line 2" in broken.lost[0]
@@ -74,8 +85,7 @@ def test_resolve_key_accepts_object_names_relative_names_and_uris_of_the_same_bu
 
 
 def test_pair_sidecars_prefers_the_full_name_and_reports_orphans():
-    names = ["p/a.png", "p/a.png.json", "p/a.json", "p/b.jpg", "p/b.json", "p/c.png", "p/orphan.json",
-             "p/manifest.csv"]
+    names = ["p/a.png", "p/a.png.json", "p/a.json", "p/b.jpg", "p/b.json", "p/c.png", "p/orphan.json", "p/manifest.csv"]
     sidecars, orphans = pair_sidecars(names)
     assert sidecars == {"p/a.png": "p/a.png.json", "p/b.jpg": "p/b.json"}
     assert orphans == ["p/a.json", "p/orphan.json"]
@@ -94,14 +104,17 @@ def test_gather_metadata_merges_sidecars_and_manifest_and_lists_unmatched():
 def test_plan_import_skips_existing_tasks_and_reports_missing_metadata():
     images = ["cells/a.png", "cells/b.png", "cells/c.jpg"]
     metadata = {"cells/a.png": {"sample": "S1", "image": "evil"}, "cells/c.jpg": {"sample": "S3"}}
-    plan = plan_import("src", images, metadata, existing_uris={"gs://src/cells/c.jpg"},
-                       metadata_without_image=["ghost.png"])
+    plan = plan_import(
+        "src", images, metadata, existing_uris={"gs://src/cells/c.jpg"}, metadata_without_image=["ghost.png"]
+    )
     assert plan.tasks == ({"image": "gs://src/cells/a.png", "sample": "S1"}, {"image": "gs://src/cells/b.png"})
     assert plan.already_imported == ("cells/c.jpg",)
     assert plan.without_metadata == ("cells/b.png",)
     assert plan.metadata_without_image == ("ghost.png",)
     assert any("'image' ignored" in w for w in plan.warnings)
-    again = plan_import("src", images, metadata, existing_uris=[t["image"] for t in plan.tasks] + ["gs://src/cells/c.jpg"])
+    again = plan_import(
+        "src", images, metadata, existing_uris=[t["image"] for t in plan.tasks] + ["gs://src/cells/c.jpg"]
+    )
     assert again.tasks == () and len(again.already_imported) == 3
 
 

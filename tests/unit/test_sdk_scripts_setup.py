@@ -2,6 +2,7 @@
 
 The real Label Studio is exercised in tests/e2e/test_gcs_flow.py; here the stand-in records every write.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,14 @@ def fake_connection() -> tuple[LabelStudioConnection, list]:
 
 def options(**overrides) -> SetupOptions:
     base = dict(
-        title="Nuclei", label_config=CONFIG, source=("raw", "images"), target=("labels", "v1"),
-        backends=(BackendSpec("http://seg:7070", "Segmentation (U-Net)", False),
-                  BackendSpec("http://sam:9090", "Segment Anything (interactive)", True)),
+        title="Nuclei",
+        label_config=CONFIG,
+        source=("raw", "images"),
+        target=("labels", "v1"),
+        backends=(
+            BackendSpec("http://seg:7070", "Segmentation (U-Net)", False),
+            BackendSpec("http://sam:9090", "Segment Anything (interactive)", True),
+        ),
     )
     base.update(overrides)
     return SetupOptions(**base)
@@ -94,10 +100,19 @@ def test_second_run_changes_nothing():
     conn, writes = fake_connection()
     first = setup_project(conn, options(), progress=False)
     assert [(c.kind, c.action) for c in first] == [
-        ("project", "created"), ("import storage", "created"), ("export storage", "created"),
-        ("ml backend", "created"), ("ml backend", "created")]
+        ("project", "created"),
+        ("import storage", "created"),
+        ("export storage", "created"),
+        ("ml backend", "created"),
+        ("ml backend", "created"),
+    ]
     source = conn.ls.import_storage.gcs.items[0]
-    assert (source["bucket"], source["prefix"], source["use_blob_urls"], source["presign"]) == ("raw", "images", True, False)
+    assert (source["bucket"], source["prefix"], source["use_blob_urls"], source["presign"]) == (
+        "raw",
+        "images",
+        True,
+        False,
+    )
     assert source["synchronizable"] is False and "png" in source["regex_filter"]
     assert conn.ls.ml.items[1]["is_interactive"] is True and conn.ls.ml.items[0]["is_interactive"] is False
     count = len(writes)
@@ -111,8 +126,9 @@ def test_changes_update_only_what_differs():
     conn, writes = fake_connection()
     setup_project(conn, options(), progress=False)
     writes.clear()
-    changed = setup_project(conn, options(presign=True, label_config=CONFIG.replace("Cell", "Cytoplasm")),
-                            progress=False)
+    changed = setup_project(
+        conn, options(presign=True, label_config=CONFIG.replace("Cell", "Cytoplasm")), progress=False
+    )
     assert [c.action for c in changed] == ["updated", "updated", "unchanged", "unchanged", "unchanged"]
     assert writes[0][0] == "update project" and "Cytoplasm" in writes[0][1]["label_config"]
     assert writes[1] == ("update", {"presign": True})
@@ -122,9 +138,11 @@ def test_changes_update_only_what_differs():
 def test_a_new_prefix_or_backend_url_adds_a_connection():
     conn, _ = fake_connection()
     setup_project(conn, options(), progress=False)
-    setup_project(conn, options(source=("raw", "images2"),
-                                backends=(BackendSpec("http://seg:7070/", "Segmentation (U-Net)", False),)),
-                  progress=False)
+    setup_project(
+        conn,
+        options(source=("raw", "images2"), backends=(BackendSpec("http://seg:7070/", "Segmentation (U-Net)", False),)),
+        progress=False,
+    )
     assert [s["prefix"] for s in conn.ls.import_storage.gcs.items] == ["images", "images2"]
     assert len(conn.ls.ml.items) == 2  # the trailing slash names the same backend
 
@@ -140,8 +158,9 @@ def test_credentials_are_sent_once_and_only_a_fingerprint_is_compared():
     for item in conn.ls.import_storage.gcs.items + conn.ls.export_storage.gcs.items:
         item.pop("google_application_credentials")  # Label Studio never returns it
     writes.clear()
-    assert [c.action for c in setup_project(conn, options(storage_credentials=key, backends=()), progress=False)] \
-        == ["unchanged"] * 3
+    assert [c.action for c in setup_project(conn, options(storage_credentials=key, backends=()), progress=False)] == [
+        "unchanged"
+    ] * 3
     setup_project(conn, options(storage_credentials=key + " ", backends=()), progress=False)
     assert all("google_application_credentials" in fields for _, fields in writes)
 
@@ -166,8 +185,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_options_from_arguments(tmp_path):
     settings = CliSettings(basic_auth_user="ml", basic_auth_pass="pw")
-    opts = options_from_args(parse(["--title", " T ", "--source", "gs://raw/img/", "--target", "gs://lab",
-                                    "--presign", "--sam-url", ""]), settings)
+    opts = options_from_args(
+        parse(["--title", " T ", "--source", "gs://raw/img/", "--target", "gs://lab", "--presign", "--sam-url", ""]),
+        settings,
+    )
     assert (opts.title, opts.source, opts.target, opts.presign) == ("T", ("raw", "img"), ("lab", ""), True)
     assert [b.url for b in opts.backends] == ["http://localhost:7070"]
     assert (opts.basic_auth_user, opts.basic_auth_pass) == ("ml", "pw")

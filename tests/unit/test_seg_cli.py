@@ -1,4 +1,5 @@
 """Offline CLIs: train on a folder of image/mask pairs, predict masks for another folder."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ def write_dataset(root: Path, n: int, seed: int, sizes=((64, 80), (72, 56))) -> 
         mask = np.zeros((height, width), np.uint8)
         for k in (1, 2):
             top, left = rng.integers(0, height - 20), rng.integers(0, width - 20)
-            shape = (slice(top, top + 14), slice(left, left + 14)) if k == 1 else (slice(top, top + 20), slice(left, left + 5))
+            shape = (
+                (slice(top, top + 14), slice(left, left + 14))
+                if k == 1
+                else (slice(top, top + 20), slice(left, left + 5))
+            )
             mask[shape] = k
             image[shape] = 230 if k == 1 else 140
         Image.fromarray(image).save(images / f"img{i}.png")
@@ -35,8 +40,9 @@ def write_dataset(root: Path, n: int, seed: int, sizes=((64, 80), (72, 56))) -> 
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240
+    )
 
 
 def test_help():
@@ -49,9 +55,29 @@ def test_train_then_predict_round_trip(tmp_path):
     images, masks = write_dataset(tmp_path / "train", 6, seed=0)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(images / "unlabelled.png")  # no mask
     model_dir = tmp_path / "models"
-    trained = run("segmentation.train", "--images", str(images), "--masks", str(masks), "--out", str(model_dir),
-                  "--minutes", "1", "--epochs", "6", "--threads", "1", "--labels", "square,bar",
-                  "--crop-size", "64", "--batch-size", "4", "--device", "cpu")
+    trained = run(
+        "segmentation.train",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--out",
+        str(model_dir),
+        "--minutes",
+        "1",
+        "--epochs",
+        "6",
+        "--threads",
+        "1",
+        "--labels",
+        "square,bar",
+        "--crop-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "unlabelled.png has no mask" in trained.stderr
     assert "training" in trained.stderr  # the tqdm bar
@@ -61,8 +87,19 @@ def test_train_then_predict_round_trip(tmp_path):
 
     test_images, test_masks = write_dataset(tmp_path / "test", 3, seed=9, sizes=((61, 77), (90, 45)))
     out = tmp_path / "predicted"
-    predicted = run("segmentation.predict", "--model", str(model_dir), "--images", str(test_images),
-                    "--out", str(out), "--device", "cpu", "--threads", "1")
+    predicted = run(
+        "segmentation.predict",
+        "--model",
+        str(model_dir),
+        "--images",
+        str(test_images),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
     assert predicted.returncode == 0, predicted.stderr
     for truth_path in sorted(test_masks.iterdir()):
         truth = np.array(Image.open(truth_path))
@@ -78,7 +115,16 @@ def test_train_reports_unusable_input(tmp_path):
     masks.mkdir()
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(images / "a.png")
     Image.fromarray(np.full((10, 10), 5, np.uint8)).save(masks / "a.png")
-    result = run("segmentation.train", "--images", str(images), "--masks", str(masks), "--out",
-                 str(tmp_path / "m"), "--labels", "one")
+    result = run(
+        "segmentation.train",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--out",
+        str(tmp_path / "m"),
+        "--labels",
+        "one",
+    )
     assert result.returncode == 2
     assert "pixel value 5 but only 1 labels" in result.stderr and "no usable image/mask pairs" in result.stderr

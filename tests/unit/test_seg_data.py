@@ -1,4 +1,5 @@
 """Training data for the segmentation backend: crops, padding, normalisation, augmentation, pairing."""
+
 from __future__ import annotations
 
 import random
@@ -80,8 +81,13 @@ def test_augmentation_moves_image_and_mask_together():
 
 
 def test_crop_dataset_items():
-    dataset = CropDataset([striped_sample("a", 40, 90), striped_sample("b", 100, 20)], crop_size=32,
-                          length=6, augment=build_augmentation(), seed=3)
+    dataset = CropDataset(
+        [striped_sample("a", 40, 90), striped_sample("b", 100, 20)],
+        crop_size=32,
+        length=6,
+        augment=build_augmentation(),
+        seed=3,
+    )
     assert len(dataset) == 6
     image, mask = dataset[0]
     assert tuple(image.shape) == (3, 32, 32) and str(image.dtype) == "torch.float32"
@@ -120,33 +126,52 @@ def test_pairing_reports_missing_and_bad_pairs(tmp_path):
 
 def test_samples_from_label_studio_tasks_use_the_newest_usable_annotation():
     from backends.errors import ImageUnavailable
-    from backends.masks.rle import encode_rle
-
     from backends.label_studio.annotations import newest_annotation
+    from backends.masks.rle import encode_rle
     from segmentation.data import samples_from_tasks
 
     truth = np.zeros((6, 8), bool)
     truth[1:4, 2:6] = True
 
     def brush(mask, label="Cell", from_name="tag"):
-        return {"type": "brushlabels", "from_name": from_name, "to_name": "image", "original_width": 8,
-                "original_height": 6, "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
+        return {
+            "type": "brushlabels",
+            "from_name": from_name,
+            "to_name": "image",
+            "original_width": 8,
+            "original_height": 6,
+            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]},
+        }
 
     def annotation(i, result, when, cancelled=False):
         return {"id": i, "result": result, "updated_at": when, "was_cancelled": cancelled}
 
-    polygon = {"type": "polygonlabels", "from_name": "poly", "to_name": "image", "original_width": 8,
-               "original_height": 6, "value": {"points": [[0, 0], [25, 0], [25, 50], [0, 50]], "polygonlabels": ["Bud"]}}
+    polygon = {
+        "type": "polygonlabels",
+        "from_name": "poly",
+        "to_name": "image",
+        "original_width": 8,
+        "original_height": 6,
+        "value": {"points": [[0, 0], [25, 0], [25, 50], [0, 50]], "polygonlabels": ["Bud"]},
+    }
     tasks = [
-        {"id": 1, "data": {"image": "a.png"}, "annotations": [
-            annotation(1, [brush(~truth)], "2026-01-01"),
-            annotation(2, [brush(truth), polygon], "2026-01-02"),  # newest usable: truth, polygon on top
-            annotation(3, [brush(~truth)], "2026-01-03", cancelled=True),
-        ]},
+        {
+            "id": 1,
+            "data": {"image": "a.png"},
+            "annotations": [
+                annotation(1, [brush(~truth)], "2026-01-01"),
+                annotation(2, [brush(truth), polygon], "2026-01-02"),  # newest usable: truth, polygon on top
+                annotation(3, [brush(~truth)], "2026-01-03", cancelled=True),
+            ],
+        },
         {"id": 2, "data": {"image": "b.png"}, "annotations": []},  # unlabelled: silently not used
         {"id": 3, "data": {"image": "gone.png"}, "annotations": [annotation(4, [brush(truth)], "2026-01-01")]},
         {"id": 4, "data": {"image": "a.png"}, "annotations": [annotation(5, [brush(truth, "Dog")], "2026-01-01")]},
-        {"id": 5, "data": {"image": "a.png"}, "annotations": [annotation(6, [brush(truth, from_name="other")], "2026-01-01")]},
+        {
+            "id": 5,
+            "data": {"image": "a.png"},
+            "annotations": [annotation(6, [brush(truth, from_name="other")], "2026-01-01")],
+        },
         {"id": 6, "data": {"image": "a.png"}, "annotations": [annotation(7, [], "2026-01-01")]},  # all background
     ]
     assert newest_annotation(tasks[0]["annotations"])["id"] == 2

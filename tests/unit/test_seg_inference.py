@@ -1,12 +1,13 @@
 """Whole-image inference: any size in, exactly that size out; batching changes nothing."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from segmentation.tiled_inference import overall_score, segment_images, segmentation_from_probabilities
 from segmentation.network import NetworkConfig, build_network
+from segmentation.tiled_inference import overall_score, segment_images, segmentation_from_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_batched_equals_single(network):
     images = [rng.integers(0, 255, shape).astype(np.uint8) for shape in [(40, 50, 3), (40, 50, 3), (33, 20, 3)]]
     batched = segment_images(network, images, torch.device("cpu"), batch_size=4)
     single = [segment_images(network, [image], torch.device("cpu"))[0] for image in images]
-    for a, b in zip(batched, single):
+    for a, b in zip(batched, single, strict=True):
         np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-4)
 
 

@@ -1,4 +1,5 @@
 """Training the U-Net: per-class scores, a few seconds of training beat an untrained network."""
+
 from __future__ import annotations
 
 import numpy as np

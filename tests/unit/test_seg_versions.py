@@ -1,4 +1,5 @@
 """Model versions: atomic promotion, so a kill mid-write leaves the served model intact."""
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,19 @@ SMALL = NetworkConfig(n_classes=3, channels=(4, 8, 16))
 def save_small(model_dir: Path, seed: int, **kwargs):
     torch.manual_seed(seed)
     network = build_network(SMALL)
-    return save_version(model_dir, network.state_dict(), labels=("cell", "bud"), network=SMALL,
-                        metrics={"val_dice": {"cell": 0.5, "bud": None}}, training={"minutes": 1}, **kwargs)
+    return save_version(
+        model_dir,
+        network.state_dict(),
+        labels=("cell", "bud"),
+        network=SMALL,
+        metrics={"val_dice": {"cell": 0.5, "bud": None}},
+        training={"minutes": 1},
+        **kwargs,
+    )
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_save_list_load_roundtrip(tmp_path):
@@ -97,8 +105,9 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("stage", ["weights", "pointer"])
 def test_kill_mid_write_keeps_previous_version(tmp_path, stage):
     previous = save_small(tmp_path, 1)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), stage], cwd=REPO_ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), stage], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "writing"
     finally:
