@@ -88,6 +88,28 @@ def _polygon_max_vertices(raw: str) -> int:
 
 
 # --------------------------------------------------------------------- running a script
+# Task data keys Label Studio's frontend resolves to something else: a label config's `$source`
+# shows the whole serialised task (predictions, drafts and mask data included), not the metadata.
+RESERVED_TASK_KEYS = {"source": "Label Studio's frontend resolves $source to the whole serialised task"}
+
+
+def reserved_key_warnings(keys: Iterable[str]) -> list[str]:
+    """One warning per metadata key among `keys` that the frontend reserves."""
+    return [
+        f"metadata key {key!r} is reserved ({RESERVED_TASK_KEYS[key]}): rename it, e.g. to 'dataset'"
+        for key in sorted(set(keys) & RESERVED_TASK_KEYS.keys())
+    ]
+
+
+def label_config_warnings(xml: str) -> list[str]:
+    """Warnings for label-config variables the frontend reserves ($source)."""
+    return [
+        f"the label config shows ${key}, which is reserved ({why}): use another metadata key, e.g. $dataset"
+        for key, why in RESERVED_TASK_KEYS.items()
+        if re.search(rf"\${key}\b", xml)
+    ]
+
+
 def configure_logging(level: str) -> None:
     """The backends' redacting logging set-up (no tokens in logs)."""
     from backends.logs import configure_logging as configure

@@ -57,6 +57,7 @@ from sdk_scripts.common import (
     parse_gs_uri,
     read_object,
     require_bucket,
+    reserved_key_warnings,
     run_main,
 )
 
@@ -362,6 +363,7 @@ def plan_import(
         extra, problems = clean_metadata(metadata.get(name, {}), data_key)
         notes.extend(f"{name}: {problem}" for problem in problems)
         tasks.append({data_key: uri, **extra})
+    notes.extend(reserved_key_warnings(key for task in tasks for key in task))
     return ImportPlan(
         images=tuple(sorted(set(images))),
         tasks=tuple(tasks),

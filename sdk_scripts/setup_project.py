@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from sdk_scripts.common import (
     add_label_studio_arguments,
     configured_settings,
     connect_label_studio,
+    label_config_warnings,
     list_projects,
     parse_gs_uri,
     project_id_of,
@@ -383,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         settings = configured_settings()
         options = options_from_args(args, settings)
+        for warning in label_config_warnings(options.label_config):
+            print(f"warning: {warning}", file=sys.stderr)
         conn = connect_label_studio(settings, args.url)
         changes = setup_project(conn, options, progress=not args.no_progress)
         for change in changes:

@@ -111,8 +111,10 @@ class SegmentationBackend(LabelStudioMLBase):
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> ModelResponse:
         model = self.served_model()
-        if model is None:  # nothing trained yet: empty pre-annotations, explained in /health
-            return ModelResponse(model_version=UNTRAINED, predictions=[{"result": [], "score": 0.0} for _ in tasks])
+        if model is None:
+            # Nothing trained yet: no prediction at all (explained in /health). Label Studio stores
+            # whatever it gets, even an empty one, and then never asks again for that task.
+            return ModelResponse(model_version=UNTRAINED, predictions=[])
         config = self.parsed_label_config
         image_name = config.required_primary_image()
         image_key = config.images[image_name]

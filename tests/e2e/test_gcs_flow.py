@@ -103,7 +103,7 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
     images = pick_images(shared_data, IMAGES)
     for path in images:
         client.bucket(source_bucket).blob(f"images/{path.name}").upload_from_filename(str(path))
-    metadata = {path.name: {"sample": f"S{i}", "stain": "DAPI", "source": "dsb2018"} for i, path in enumerate(images)}
+    metadata = {path.name: {"sample": f"S{i}", "stain": "DAPI", "dataset": "dsb2018"} for i, path in enumerate(images)}
     manifest_rows = [{"image": name, **meta} for name, meta in list(metadata.items())[:-1]]
     manifest_rows.append({"image": "not-uploaded.png", "sample": "S9"})
     client.bucket(source_bucket).blob("manifest.jsonl").upload_from_string(
@@ -158,7 +158,7 @@ def test_gcs_project_flow(label_studio, gcs_emulator, shared_data, tmp_path, mon
     assert set(tasks) == {f"gs://{source_bucket}/images/{p.name}" for p in images}
     for path in images:
         data = tasks[f"gs://{source_bucket}/images/{path.name}"].data
-        assert {k: data[k] for k in ("sample", "stain", "source")} == metadata[path.name]
+        assert {k: data[k] for k in ("sample", "stain", "dataset")} == metadata[path.name]
     assert import_gcs.main(import_args) == 0
     again = capsys.readouterr().out
     assert "imported:                0" in again and f"already in the project:  {IMAGES}" in again

@@ -62,7 +62,7 @@ def test_default_config_has_every_tool_with_the_same_labels_and_metadata_headers
     assert all(tag.labels == ("Nucleus", "Cell") for tag in by_type.values())
     assert by_type["RectangleLabels"].smart and by_type["KeyPointLabels"].smart
     assert by_type["BrushLabels"].name == "tag" and config.images == {"image": "image"}
-    for key in ("$sample", "$stain", "$source"):
+    for key in ("$sample", "$stain", "$dataset"):
         assert key in CONFIG
     assert 'zoom="true"' in CONFIG
 

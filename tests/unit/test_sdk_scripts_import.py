@@ -134,3 +134,21 @@ def test_report_names_the_problems():
     assert "would import:            2 (dry run" in dry
     many = plan_import("src", [f"c/{i:02}.png" for i in range(15)], {}, [])
     assert "(5 more)" in format_report(many, "gs://src/c", 0, False)
+
+
+def test_a_metadata_key_the_frontend_reserves_is_imported_with_one_warning():
+    """`$source` shows the whole serialised task in Label Studio's UI, not the metadata."""
+    metadata = {"a.png": {"source": "lab 1"}, "b.png": {"source": "lab 2", "stain": "DAPI"}}
+    plan = plan_import("bkt", ["a.png", "b.png"], metadata, [])
+    assert [task["source"] for task in plan.tasks] == ["lab 1", "lab 2"]  # nothing is lost
+    reserved = [w for w in plan.warnings if "reserved" in w]
+    assert len(reserved) == 1 and "'source'" in reserved[0] and "dataset" in reserved[0]
+
+
+def test_the_default_label_config_uses_no_reserved_variable_and_source_is_flagged():
+    from sdk_scripts.common import DEFAULT_LABEL_CONFIG, label_config_warnings
+
+    assert label_config_warnings(DEFAULT_LABEL_CONFIG.read_text()) == []
+    [warning] = label_config_warnings('<View><Header value="Source: $source"/></View>')
+    assert "$source" in warning and "reserved" in warning
+    assert label_config_warnings('<View><Header value="$sources"/></View>') == []
