@@ -202,7 +202,25 @@ class SegmentationBackend(LabelStudioMLBase):
         position = self.service.training_queue.position(self.project_id or "")
         if position is not None:
             answer["position"] = position
+        answer["message"] = self._training_message(outcome, position)
         return answer
+
+    def _training_message(self, outcome: str, position: int | None) -> str:
+        """One sentence for the admin: Label Studio shows the webhook's answer after Start training."""
+        settings = self.runtime.settings
+        if outcome == "queued":
+            where = f" at position {position + 1} of the queue" if position else ""
+            return (
+                f"training queued{where}: it reads this project's annotated tasks from Label Studio and trains "
+                f"for at most {settings.train_minutes:g} min (TRAIN_MINUTES); a better model becomes the new "
+                "version; progress and validation Dice in /health"
+            )
+        if outcome == "waiting":
+            return (
+                f"{self.state.new_annotations} of {settings.train_every} new annotations (TRAIN_EVERY): training "
+                "starts at that count, or now with Start training"
+            )
+        return f"a training run of this project is {outcome}: progress in /health"
 
     def _queue_training(self, event: str) -> str:
         """Put a run of this project in the training queue: "queued", "already queued" or

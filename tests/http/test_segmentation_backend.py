@@ -260,3 +260,12 @@ def test_seg_checkpoint_serves_an_offline_model_and_drops_labels_the_config_lack
         labels = {label for r in results for region in r["result"] for label in region["value"].get("brushlabels", [])}
         assert all(r["model_version"] == info.version for r in results)
         assert labels == {"Nucleus"}  # the config has no "Mitochondrion": those regions are dropped
+
+
+def test_start_training_answers_with_a_sentence_the_admin_can_read(client):
+    """Label Studio shows the webhook's answer verbatim after "Start training" (it showed "{}")."""
+    first = client.post("/webhook", json=payloads.webhook_body("START_TRAINING", config=CONFIG)).json()
+    assert first["training"] == "queued" and first["message"].startswith("training queued")
+    assert "TRAIN_MINUTES" in first["message"]
+    again = client.post("/webhook", json=payloads.webhook_body("START_TRAINING", config=CONFIG)).json()
+    assert again["training"].startswith("already") and "is already" in again["message"]
