@@ -47,11 +47,13 @@ ImageRef = tuple[str, Any]  # (image URI, task id): all a prewarm keeps of a tas
 
 class SamService(BackendService):
     """What every SAM project shares for the life of the process: the engine with its embedding
-    store, and how many prewarm jobs each project has queued or running."""
+    store, how many prewarm jobs each project has queued or running, and SAM_TEXT_SYNONYMS parsed
+    ({label: phrases})."""
 
-    def __init__(self, store: EmbeddingStore):
+    def __init__(self, store: EmbeddingStore, synonyms: dict[str, tuple[str, ...]] | None = None):
         super().__init__()
         self.store = store
+        self.synonyms = synonyms or {}
         self._prewarming: dict[str, int] = {}  # project id -> prewarm jobs queued or running
         self._prewarm_lock = threading.Lock()
 
@@ -89,8 +91,8 @@ class SamBackend(LabelStudioMLBase):
         choose_outputs(None, None, settings.sam_output)  # refuse a bad SAM_OUTPUT at start
         if settings.sam_text_prompts not in ("", "off", "labels"):
             raise ValueError(f"SAM_TEXT_PROMPTS={settings.sam_text_prompts!r}: expected labels or off")
-        parse_synonyms(settings.sam_text_synonyms)
-        service = SamService(EmbeddingStore(load_engine(settings), settings, runtime.images, runtime.metrics))
+        synonyms = parse_synonyms(settings.sam_text_synonyms)  # once, and a bad value refuses to start
+        service = SamService(EmbeddingStore(load_engine(settings), settings, runtime.images, runtime.metrics), synonyms)
         log.info("SAM backend ready: %s", service.health())
         return service
 
@@ -135,7 +137,7 @@ class SamBackend(LabelStudioMLBase):
             scores.append(score)
         labels = [label for tag in config.output_tags(image) for label in tag.labels]
         for text in prompts.texts:
-            label = label_for_text(text.text, list(dict.fromkeys(labels)), self._synonyms())
+            label = label_for_text(text.text, list(dict.fromkeys(labels)), self.service.synonyms)
             for mask, score in self._instances(record, text.text):
                 regions += self._regions(mask, label, image, score)
                 scores.append(score)
@@ -161,9 +163,6 @@ class SamBackend(LabelStudioMLBase):
         settings = self.runtime.settings
         return self.store.segment_text(record, text, settings.sam_text_threshold, settings.sam_text_max_instances)
 
-    def _synonyms(self) -> dict:
-        return parse_synonyms(self.runtime.settings.sam_text_synonyms)
-
     # -- pre-annotation by text prompts (SAM_TEXT_PROMPTS=labels) ----------------------------------
 
     def _find_every_label(self, tasks: list[dict]) -> list[dict]:
@@ -183,7 +182,7 @@ class SamBackend(LabelStudioMLBase):
             record = self.store.get(image_uri_of(task, config.images[image]), task.get("id"))
             regions, scores = [], []
             for label in labels:
-                for phrase in phrases_for(label, self._synonyms()):
+                for phrase in phrases_for(label, self.service.synonyms):
                     for mask, score in self._instances(record, phrase):
                         regions += self._regions(mask, label, image, score)
                         scores.append(score)

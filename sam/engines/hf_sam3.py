@@ -28,10 +28,10 @@ from backends.settings import Settings
 from sam.engines import hf_common
 from sam.engines.hf_common import Normalisation
 from sam.engines.hf_sam2 import HfEmbedding, PromptEngine, checkpoint_label
+from sam.text_prompts import MAX_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_CHARS = 200  # a concept is a short noun phrase; the tokenizer keeps 32 tokens anyway
 MAX_TEXT_TOKENS = 32  # as Sam3Processor pads and truncates
 
 

@@ -76,7 +76,7 @@ def run_isolated(body: str, timeout_s: float = 60) -> dict:
         .replace("@HELPERS@", POLYGON_HELPERS)
         .replace("@BODY@", textwrap.indent(textwrap.dedent(body).strip(), "    "))
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CODE_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": str(CODE_ROOT)}  # the child imports the code under test
     child = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=timeout_s, cwd=CODE_ROOT, env=env
     )
