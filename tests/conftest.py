@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# The real stack (Label Studio, fake-gcs-server, backend processes): one per session for all suites.
+pytest_plugins = ["tests.support.stack_fixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
