@@ -8,6 +8,7 @@ Session fixtures:
 - `label_studio`: a Label Studio 1.23 server wired to that emulator (`.url`, `.token` legacy,
   `.username`, `.password`, `.ls` SDK client, `.http` authenticated requests session,
   `.upload_files(project_id, paths) -> task ids`).
+- `redis_server`: a real redis-server (`.url` for REDIS_URL, `.stop()`/`.start()`).
 - `start_backend(name, env=None, **kwargs)`: starts `python -m sam|segmentation` pointed at that
   Label Studio -> `devstack.backends.Backend` (`.url`, `.log_path`, `.health()`, `.stop()`).
 Everything started here is stopped at the end of the session, also after failures.
@@ -25,6 +26,7 @@ from devstack.backends import Backend
 from devstack.backends import start_backend as _start_backend
 from devstack.gcs import GcsEmulator, start_fake_gcs
 from devstack.label_studio import LS_BIN, LabelStudioServer, label_studio_installed, start_label_studio
+from devstack.redis_server import RedisServer, redis_server_binary, start_redis
 
 
 def _in_ci() -> bool:
@@ -101,3 +103,19 @@ def start_backend(stack_dir: Path, label_studio: LabelStudioServer) -> Iterator[
     finally:
         for backend in reversed(started):
             backend.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_dir: Path) -> Iterator[RedisServer]:
+    """A real redis-server on loopback (`.url` for REDIS_URL; `.stop()`/`.start()` to take it down and
+    back on the same port). Skips where redis-server is missing, except in CI, where that fails."""
+    if redis_server_binary() is None:
+        reason = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
+        if _in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = start_redis(stack_dir / "redis", stack_dir / "logs" / "redis.log")
+    try:
+        yield server
+    finally:
+        server.stop()
