@@ -27,6 +27,12 @@ class ForbiddenImageSource(BackendError):
     status = 403
 
 
+class NotFound(BackendError):
+    """A path the server does not serve (e.g. a static file that is not on the status page's list)."""
+
+    status = 404
+
+
 class PayloadTooLarge(BackendError):
     status = 413
 

@@ -69,6 +69,8 @@ class Settings:
     image_cache_dir: Path = Path("run/image-cache")
     image_cache_mb: float = 512.0
     gcs_direct_read: bool = False
+    # Scale-out: Redis shared by replicas (SAM embeddings, training queue); "" = one process, no Redis
+    redis_url: str = field(default="", repr=False)  # may hold a password
     # Models
     device: str = "auto"
     # SAM backend
@@ -88,16 +90,30 @@ class Settings:
     sam_text_synonyms: str = ""  # "Label=phrase|phrase;Label2=phrase"
     sam_text_threshold: float = 0.5  # instance score a text prompt's result must reach
     sam_text_max_instances: int = 100  # instances per text prompt and image
+    sam_shared_cache_ttl_s: float = 86400.0  # how long an embedding stays in Redis (L2) after it is computed
+    sam_shared_lock_ms: int = 10_000  # one replica embeds an image; the others wait this long at most
+    redis_timeout_s: float = 0.5  # Redis socket timeout (embeddings, training queue): slower counts as down
     # Segmentation backend
     model_dir: Path = Path("models/segmentation")
     seg_checkpoint: str = ""
+    seg_model: str = "unet"  # model family a run trains: "unet" or "hf:<Hub id or save_pretrained folder>"
+    seg_label_map: str = ""  # "Upper-clothes=Top,Pants=Trousers": pretrained model classes -> project labels
+    seg_allow_hub: bool = False  # pretrained segmentation models may be downloaded from the Hugging Face Hub
+    seg_min_confidence: float = 0.5  # predicted pixels below this confidence are background
+    seg_min_component_px: int = 16  # predicted components smaller than this are dropped
+    seg_fill_holes_px: int = 64  # holes smaller than this inside a predicted class are filled
     train_every: int = 10
     train_minutes: float = 5.0
     val_fraction: float = 0.2
     seg_max_rle_mb: float = 4.0  # brush RLE of one task's prediction; too fragmented labels are left out
     train_concurrency: int = 1  # training runs at once, all projects together
     train_queue_max: int = 8  # runs waiting for a slot; beyond it START_TRAINING gets a 429
+    train_retries: int = 1  # REDIS_URL: times a run whose worker died is queued again before it counts as failed
+    seg_version_poll_s: float = 2.0  # how often a project's `current` version is checked (another process may promote)
     polygon_max_vertices: int = 10_000  # per annotated polygon rasterised for training / export
+    seg_refresh: bool = True  # a newly served version re-predicts the project's unlabeled tasks in Label Studio
+    seg_refresh_rate: float = 2.0  # tasks per second a refresh predicts and writes, at most
+    seg_refresh_max_tasks: int = 1000  # tasks one refresh predicts, at most
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -105,7 +121,9 @@ class Settings:
         get = env.get
         return cls(
             label_studio_url=get("LABEL_STUDIO_URL", "").rstrip("/"),
-            label_studio_api_key=get("LABEL_STUDIO_API_KEY", ""),
+            # Empty: the admin's legacy token that docker-compose.yml also hands Label Studio (compose v1
+            # cannot express that default itself), else the token of the first /setup.
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY") or get("LABEL_STUDIO_USER_TOKEN", ""),
             basic_auth_user=get("BASIC_AUTH_USER", ""),
             basic_auth_pass=get("BASIC_AUTH_PASS", ""),
             log_level=get("LOG_LEVEL", "INFO").upper(),
@@ -129,6 +147,7 @@ class Settings:
             image_cache_dir=Path(get("IMAGE_CACHE_DIR", "run/image-cache")),
             image_cache_mb=float(get("IMAGE_CACHE_MB", "512")),
             gcs_direct_read=_bool(get("GCS_DIRECT_READ"), False),
+            redis_url=get("REDIS_URL", "").strip(),
             device=get("DEVICE", "auto").lower(),
             sam_engine=get("SAM_ENGINE", "auto"),
             sam_model_type=get("SAM_MODEL_TYPE", "vit_b"),
@@ -146,15 +165,29 @@ class Settings:
             sam_text_synonyms=get("SAM_TEXT_SYNONYMS", ""),
             sam_text_threshold=float(get("SAM_TEXT_THRESHOLD", "0.5")),
             sam_text_max_instances=_count(env, "SAM_TEXT_MAX_INSTANCES", 100),
+            sam_shared_cache_ttl_s=float(get("SAM_SHARED_CACHE_TTL_S", "86400")),
+            sam_shared_lock_ms=_count(env, "SAM_SHARED_LOCK_MS", 10_000, minimum=100),
+            redis_timeout_s=float(get("REDIS_TIMEOUT_S", "0.5")),
             model_dir=Path(get("MODEL_DIR", "models/segmentation")),
             seg_checkpoint=get("SEG_CHECKPOINT", ""),
+            seg_model=get("SEG_MODEL", "unet").strip(),
+            seg_label_map=get("SEG_LABEL_MAP", ""),
+            seg_allow_hub=_bool(get("SEG_ALLOW_HUB"), False),
+            seg_min_confidence=float(get("SEG_MIN_CONFIDENCE", "0.5")),
+            seg_min_component_px=_count(env, "SEG_MIN_COMPONENT_PX", 16, minimum=0),
+            seg_fill_holes_px=_count(env, "SEG_FILL_HOLES_PX", 64, minimum=0),
             train_every=int(get("TRAIN_EVERY", "10")),
             train_minutes=float(get("TRAIN_MINUTES", "5")),
             val_fraction=float(get("VAL_FRACTION", "0.2")),
             seg_max_rle_mb=float(get("SEG_MAX_RLE_MB", "4")),
             train_concurrency=_count(env, "TRAIN_CONCURRENCY", 1),
             train_queue_max=_count(env, "TRAIN_QUEUE_MAX", 8, minimum=0),
+            train_retries=_count(env, "TRAIN_RETRIES", 1, minimum=0),
+            seg_version_poll_s=float(get("SEG_VERSION_POLL_S", "2")),
             polygon_max_vertices=_count(env, "POLYGON_MAX_VERTICES", 10_000, minimum=3),
+            seg_refresh=_bool(get("SEG_REFRESH"), True),
+            seg_refresh_rate=float(get("SEG_REFRESH_RATE", "2")),
+            seg_refresh_max_tasks=_count(env, "SEG_REFRESH_MAX_TASKS", 1000, minimum=0),
         ).validate()
 
     @property
@@ -187,4 +220,32 @@ class Settings:
             )
         if self.label_config_max_kb <= 0:
             raise SettingsError(f"LABEL_CONFIG_MAX_KB={self.label_config_max_kb} must be above 0")
+        if not 0 < self.seg_refresh_rate <= 1000:  # also refuses NaN
+            raise SettingsError(f"SEG_REFRESH_RATE={self.seg_refresh_rate} must be above 0 and at most 1000 tasks/s")
+        self._validate_shared_cache()
+        if not 0 <= self.seg_version_poll_s <= 3600:
+            raise SettingsError(f"SEG_VERSION_POLL_S={self.seg_version_poll_s} must be between 0 and 3600 seconds")
+        if self.train_retries > 10:
+            raise SettingsError(f"TRAIN_RETRIES={self.train_retries} must be at most 10")
+        if self.seg_model != "unet" and not (self.seg_model.startswith("hf:") and self.seg_model[3:].strip()):
+            raise SettingsError(f"SEG_MODEL={self.seg_model!r}: expected unet or hf:<Hub id or save_pretrained folder>")
+        if not 0 <= self.seg_min_confidence <= 1:  # also refuses NaN
+            raise SettingsError(f"SEG_MIN_CONFIDENCE={self.seg_min_confidence} must be between 0 and 1")
+        for entry in filter(None, (part.strip() for part in self.seg_label_map.split(","))):
+            model_class, _, label = (side.strip() for side in entry.partition("="))
+            if not model_class or not label:
+                raise SettingsError(f"SEG_LABEL_MAP entry {entry!r} is not model_class=project_label")
         return self
+
+    def _validate_shared_cache(self) -> None:
+        """REDIS_URL (never echoed: it may hold a password) and the SAM shared-cache timings."""
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if not 0 < self.sam_shared_cache_ttl_s <= 30 * 86400:
+            raise SettingsError(
+                f"SAM_SHARED_CACHE_TTL_S={self.sam_shared_cache_ttl_s} must be above 0 and at most 30 days"
+            )
+        if self.sam_shared_lock_ms > 600_000:
+            raise SettingsError(f"SAM_SHARED_LOCK_MS={self.sam_shared_lock_ms} must be at most 600000 (10 minutes)")
+        if not 0 < self.redis_timeout_s <= 30:
+            raise SettingsError(f"REDIS_TIMEOUT_S={self.redis_timeout_s} must be above 0 and at most 30")

@@ -6,10 +6,17 @@ safe for the built-in engines, which keep no state between the two; a custom eng
 lock for both unless it declares `independent_embed = True`. The key is `ImageFetcher.identity(uri,
 task_id)` (task id + URI without signature parameters), known before the image is fetched: a
 cached click costs no download and no decode.
+
+With REDIS_URL the in-process cache (L1) sits in front of Redis (L2, sam.shared_embeddings): an L1
+miss reads the embedding another replica computed before running the encoder, and what this
+replica computes is published there. Each lookup is counted by where it was answered
+(`embedding_sources` in /health, `sam_embedding_lookups_total{source}` in /metrics): l1, l2, or
+computed (an engine embed call).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +29,13 @@ from backends.metrics import Metrics
 from backends.settings import Settings
 from sam.embed_batcher import EmbedBatcher
 from sam.embedding_cache import ByteLRU
+from sam.embedding_codec import decode_embedding, encode_embedding, engine_kind
 from sam.engines import embedding_nbytes
 from sam.prompts import Prompt
 from sam.refinement import Refinement, RefinementMemory, is_refinement_key
+from sam.shared_embeddings import SharedEmbeddings, open_shared_embeddings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,10 +51,13 @@ class ImageEmbedding:
 class EmbeddingStore:
     """The engine, its lock and its embedding cache (EMBEDDING_CACHE_MB), shared by all projects.
 
-    `images`: the server's image fetcher (`identity`, `loaded`); `metrics`: where the cache reports.
+    `images`: the server's image fetcher (`identity`, `loaded`); `metrics`: where the cache reports;
+    `shared`: the L2 cache, by default opened from REDIS_URL (None when unset).
     """
 
-    def __init__(self, engine: Any, settings: Settings, images: Any, metrics: Metrics):
+    def __init__(
+        self, engine: Any, settings: Settings, images: Any, metrics: Metrics, shared: SharedEmbeddings | None = None
+    ):
         self.engine = engine
         self._images = images
         self._embed_lock = threading.Lock()
@@ -58,7 +72,10 @@ class EmbeddingStore:
             name="embeddings",
             metrics=metrics,
         )
-        self.refinements = RefinementMemory(self.cache)
+        self._kind = engine_kind(engine)
+        self.shared = shared if shared is not None else open_shared_embeddings(settings, engine, self._kind, metrics)
+        self.refinements = RefinementMemory(self.cache, self.shared)
+        self.sources = LookupCounts(metrics)
         self.refines = bool(getattr(engine, "supports_mask_input", False))
         self.batcher = EmbedBatcher(
             engine,
@@ -73,7 +90,17 @@ class EmbeddingStore:
         identity = self._images.identity(uri, task_id)
         if interactive:
             self.batcher.promote(identity)
-        return self.cache.get_or_compute(identity, lambda: self._compute(uri, task_id, identity, interactive))
+        loaded = False
+
+        def load() -> ImageEmbedding:
+            nonlocal loaded
+            loaded = True
+            return self._load(uri, task_id, identity, interactive)
+
+        record = self.cache.get_or_compute(identity, load)
+        if not loaded:
+            self.sources.count("l1")
+        return record
 
     def predict(self, record: ImageEmbedding, prompt: Prompt) -> tuple[np.ndarray, float]:
         """One prompt -> (HxW bool mask, score), checked against the image size.
@@ -118,7 +145,8 @@ class EmbeddingStore:
 
     def health(self) -> dict:
         refinements = sum(1 for key in self.cache.keys() if is_refinement_key(key))  # noqa: SIM118  ByteLRU is no dict: keys() is a snapshot taken under its lock
-        return {
+        shared = self.shared.health() if self.shared is not None else {"state": "off"}
+        report = {
             "engine": self.engine.name,
             "device": str(getattr(self.engine, "device", "cpu")),
             "embedding_cache": {
@@ -127,7 +155,43 @@ class EmbeddingStore:
                 "refinements": refinements,
                 "capacity_bytes": self.cache.capacity_bytes,
             },
+            "embedding_sources": self.sources.snapshot(),
+            "shared_cache": shared,
         }
+        if shared["state"] == "down":
+            report["status"] = "DEGRADED"
+        return report
+
+    def _load(self, uri: str, task_id: int | None, identity: str, interactive: bool) -> ImageEmbedding:
+        """An L1 miss: from Redis when a replica has it (or is computing it), else computed here."""
+        if self.shared is None or self._kind is None:
+            record, source = self._compute(uri, task_id, identity, interactive), "computed"
+        else:
+            record, source = self.shared.get_or_compute(
+                identity,
+                lambda blob: self._decode(blob, identity),
+                lambda: self._compute_shared(uri, task_id, identity, interactive),
+            )
+        self.sources.count(source)
+        return record
+
+    def _decode(self, blob: bytes, identity: str) -> ImageEmbedding:
+        decoded = decode_embedding(blob, self._kind or "", str(getattr(self.engine, "device", "cpu")))
+        return ImageEmbedding(decoded.embedding, width=decoded.width, height=decoded.height, identity=identity)
+
+    def _compute_shared(
+        self, uri: str, task_id: int | None, identity: str, interactive: bool
+    ) -> tuple[ImageEmbedding, bytes | None]:
+        """Compute, and the bytes to publish. This replica keeps the decoded bytes, not its own
+        float32 result: every replica then decodes from the same fp16 values, so a click gives the
+        same mask whichever replica answers it."""
+        record = self._compute(uri, task_id, identity, interactive)
+        try:
+            blob = encode_embedding(record.embedding, record.width, record.height)
+            return self._decode(blob, identity), blob
+        except ValueError as error:  # an unknown kind, or BadValue (e.g. non-finite values): not shared
+            log.warning("the embedding of %s is not shared: %s", identity, error)
+            return record, None
 
     def _compute(self, uri: str, task_id: int | None, identity: str, interactive: bool) -> ImageEmbedding:
         # The pixels count against the decode budget until embedded: images waiting for the engine
@@ -143,3 +207,28 @@ def embed_batch_size(setting: int, device: str) -> int:
     if setting > 0:
         return setting
     return 8 if device.startswith("cuda") else 1
+
+
+class LookupCounts:
+    """Embedding lookups by where they were answered: "l1" (this process), "l2" (Redis), "computed"
+    (an engine embed call); exact under concurrency, and mirrored in /metrics."""
+
+    SOURCES = ("l1", "l2", "computed")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.SOURCES, 0)
+        counter = metrics.counter(
+            "sam_embedding_lookups", "Embedding lookups by where they were answered (l1, l2, computed)", ("source",)
+        )
+        self._metrics = {source: counter.labels(source) for source in self.SOURCES}
+
+    def count(self, source: str) -> None:
+        with self._lock:
+            self._counts[source] += 1
+        self._metrics[source].inc()
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            counts = dict(self._counts)
+        return {"l1_hits": counts["l1"], "l2_hits": counts["l2"], "recomputes": counts["computed"]}

@@ -8,7 +8,10 @@
 - predict with context (a smart rectangle / keypoints / a smart TextArea): the embedding from the
   cache, one prompt per rectangle (points refine it; an added click reuses the region's previous
   logits), one region per prompt in the kind SAM_OUTPUT chooses (brush by default); a text prompt
-  (SAM 3) gives one region per instance of its concept.
+  (SAM 3) gives one region per instance of its concept. Label Studio sends a click without the box
+  it corrects: clicks inside the box of a region answered on that image refine that region under
+  its id, which the editor replaces in place (sam.last_regions); a negative click anywhere else
+  gets no region, so the editor removes it (with Auto-Accept on).
 - SAM_TEXT_PROMPTS=labels: predict without context answers with every instance of every label,
   found by concept prompts with the label names (pre-annotation before any training).
 - fit("TASKS_CREATED"): prewarm the new tasks' images; other events are ignored. It runs inside
@@ -36,6 +39,7 @@ from backends.server.protocol import image_uri_of
 from backends.server.work_queue import QueueFull
 from sam.embeddings import EmbeddingStore
 from sam.engines import load_engine
+from sam.last_regions import LastRegions
 from sam.outputs import choose_outputs
 from sam.prompts import PromptContext, parse_context
 from sam.text_prompts import label_for_text, parse_synonyms, phrases_for
@@ -54,6 +58,7 @@ class SamService(BackendService):
         super().__init__()
         self.store = store
         self.synonyms = synonyms or {}
+        self.last_regions = LastRegions(shared=store.shared)  # so a later click can correct an answered region
         self._prewarming: dict[str, int] = {}  # project id -> prewarm jobs queued or running
         self._prewarm_lock = threading.Lock()
 
@@ -131,9 +136,23 @@ class SamBackend(LabelStudioMLBase):
         image = prompts.image
         record = self.store.get(image_uri_of(task, config.images[image]), task.get("id"))
         regions, scores = [], []
-        for prompt in prompts.prompts(record.width, record.height):
+        for prompt in prompts.prompts(record.width, record.height, keep_negative_only=True):
+            region_id = None
+            earlier = self.service.last_regions.refinement(record.identity, prompt)
+            if earlier is not None:  # clicks inside an answered region: correct it in place
+                prompt, region_id = earlier.prompt, earlier.region_id
+            elif not any(prompt.point_labels) and prompt.box is None:
+                log.info(
+                    "task %s: a negative click outside every region answered on this image describes no "
+                    "object; answered with no region (Label Studio then removes the click)",
+                    task.get("id"),
+                )
+                continue
             mask, score = self.store.predict(record, prompt)
-            regions += self._regions(mask, prompt.label, image, score)
+            answer = self._regions(mask, prompt.label, image, score, region_id)
+            if answer:
+                self.service.last_regions.remember(record.identity, prompt, answer[0]["id"])
+            regions += answer
             scores.append(score)
         labels = [label for tag in config.output_tags(image) for label in tag.labels]
         for text in prompts.texts:
@@ -147,15 +166,22 @@ class SamBackend(LabelStudioMLBase):
             "model_version": self.model_version,
         }
 
-    def _regions(self, mask: Any, label: str, image: str, score: float) -> list[dict]:
-        """One mask -> its result regions, in the kind SAM_OUTPUT chooses among the tags with `label`."""
+    def _regions(self, mask: Any, label: str, image: str, score: float, region_id: str | None = None) -> list[dict]:
+        """One mask -> its result regions, in the kind SAM_OUTPUT chooses among the tags with `label`
+        (`region_id`: the id of the first, to replace an earlier answer in place)."""
         tags = self.parsed_label_config.output_tags(image, label)
         brush = next((tag for tag in tags if tag.type in BRUSH_TYPES), None)
         polygon = next((tag for tag in tags if tag.type not in BRUSH_TYPES), None)
         regions: list[dict] = []
         for tag in choose_outputs(brush, polygon, self.runtime.settings.sam_output):
             regions += mask_regions(
-                mask, label, tag, score, to_name=image, tolerance=self.runtime.settings.sam_polygon_tolerance
+                mask,
+                label,
+                tag,
+                score,
+                to_name=image,
+                tolerance=self.runtime.settings.sam_polygon_tolerance,
+                first_id=region_id if not regions else None,
             )
         return regions
 

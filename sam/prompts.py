@@ -10,7 +10,8 @@ Prompts come out in PIXELS of the original image (x right, y down):
 - one prompt per rectangle (each gives its own region); keypoints inside a rectangle refine it
   (the smallest rectangle containing the point);
 - keypoints outside every rectangle form points-only prompts, one per label, each needing at
-  least one positive point (negative points alone describe no object and are dropped).
+  least one positive point (negative points alone describe no object and are dropped, unless the
+  caller asks for them: sam.last_regions may know the region they correct).
 The prompt's label is the region's label; the backend maps it to the output label of that name.
 
 `parse_context` checks a context once per request, before any image is fetched;
@@ -30,6 +31,10 @@ from sam.text_prompts import TEXTAREA, TextPrompt, text_prompts
 
 RECTANGLE = "rectanglelabels"
 KEYPOINT = "keypointlabels"
+# Unlabelled tools (`<Rectangle>` / `<KeyPoint>` next to a `<Labels>` tag): the editor sends the
+# tool's result and the Labels tag's result (type "labels") with the same id; the label is in the latter.
+TOOL_KINDS = {"rectangle": RECTANGLE, "keypoint": KEYPOINT}
+LABELS = "labels"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class _SmartRegion:
     positive: bool
     from_name: str
     where: str  # "context region <index>", for messages
+    region_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,12 @@ class PromptContext:
     _smart: tuple[_SmartRegion, ...] = field(repr=False)
     texts: tuple[TextPrompt, ...] = ()  # text (concept) prompts from a smart TextArea (SAM 3)
 
-    def prompts(self, width: int, height: int) -> list[Prompt]:
+    def prompts(self, width: int, height: int, keep_negative_only: bool = False) -> list[Prompt]:
         """The prompts in pixels of this image, `width` x `height` (the task's original image).
 
-        Raises BadRequest for NaN or non-numbers, zero area, and prompts outside the image.
+        Clicks of a label with no positive one are dropped unless `keep_negative_only` (the caller
+        may know the region they correct). Raises BadRequest for NaN or non-numbers, zero area,
+        and prompts outside the image.
         """
         boxes: list[tuple[tuple[float, float, float, float], str, str]] = []
         points: list[_Point] = []
@@ -96,7 +104,7 @@ class PromptContext:
             else:
                 xy = _point(region.value, width, height, region.where)
                 points.append(_Point(xy, region.positive, region.label, region.from_name))
-        return _assemble(boxes, points, self.image)
+        return _assemble(boxes, points, self.image, keep_negative_only)
 
 
 def parse_context(
@@ -118,12 +126,33 @@ def parse_context(
         _check_region_shape(region, f"context region {index}")
     image = _prompted_image(regions, config)
     labels = {label: None for tag in config.output_tags(image) for label in tag.labels}
+    twins = _labels_by_id(regions)
     smart = tuple(
-        _smart_region(region, f"context region {index}", image, labels)
+        _smart_region(region, f"context region {index}", image, labels, twins)
         for index, region in enumerate(regions)
-        if region.get("type") != TEXTAREA
+        if region.get("type") not in (TEXTAREA, LABELS)
     )
+    _refuse_orphan_labels(regions, smart)
     return PromptContext(image, tuple(regions), smart, tuple(text_prompts(regions)))
+
+
+def _labels_by_id(regions: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """{region id: value.labels} of the context's Labels-tag results (the twins of unlabelled tools)."""
+    return {
+        str(region.get("id")): region["value"].get(LABELS)
+        for region in regions
+        if region.get("type") == LABELS and region.get("id") is not None
+    }
+
+
+def _refuse_orphan_labels(regions: list[Mapping[str, Any]], smart: tuple[_SmartRegion, ...]) -> None:
+    tool_ids = {region.region_id for region in smart}
+    for index, region in enumerate(regions):
+        if region.get("type") == LABELS and str(region.get("id")) not in tool_ids:
+            raise BadRequest(
+                f"context region {index}: a 'labels' result without a rectangle or keypoint of the same id "
+                "(smart tools send the tool's result and its labels together)"
+            )
 
 
 def _result_list(context: Any) -> list:
@@ -165,17 +194,33 @@ def _prompted_image(regions: list[Mapping[str, Any]], config: LabelConfig) -> st
     return name
 
 
-def _smart_region(region: Mapping[str, Any], where: str, image: str, known_labels: Collection[str]) -> _SmartRegion:
+def _smart_region(
+    region: Mapping[str, Any], where: str, image: str, known_labels: Collection[str], twins: Mapping[str, Any]
+) -> _SmartRegion:
     _refuse_rotated_image(region, where)
     kind = region.get("type")
-    if kind not in (RECTANGLE, KEYPOINT):
-        raise BadRequest(f"{where}: unsupported type {kind!r} (smart tools send rectanglelabels or keypointlabels)")
-    label = _label(region, kind, where, image, known_labels)
-    return _SmartRegion(kind, label, region["value"], _is_positive(region), str(region.get("from_name") or ""), where)
+    region_id = str(region.get("id"))
+    if kind in TOOL_KINDS:  # an unlabelled tool: its label is in the Labels result of the same id
+        kind = TOOL_KINDS[kind]
+        names = twins.get(region_id) if region.get("id") is not None else None
+    elif kind in (RECTANGLE, KEYPOINT):
+        names = region["value"].get(kind)
+    else:
+        raise BadRequest(
+            f"{where}: unsupported type {kind!r} (smart tools send rectanglelabels or keypointlabels, or a "
+            "rectangle or keypoint with its labels)"
+        )
+    label = _label(names, kind, where, image, known_labels)
+    return _SmartRegion(
+        kind, label, region["value"], _is_positive(region), str(region.get("from_name") or ""), where, region_id
+    )
 
 
 def _assemble(
-    boxes: list[tuple[tuple[float, float, float, float], str, str]], points: list[_Point], image: str
+    boxes: list[tuple[tuple[float, float, float, float], str, str]],
+    points: list[_Point],
+    image: str,
+    keep_negative_only: bool = False,
 ) -> list[Prompt]:
     refining: list[list[_Point]] = [[] for _ in boxes]
     loose: list[_Point] = []
@@ -192,7 +237,7 @@ def _assemble(
     ]
     for label in dict.fromkeys(p.label for p in loose):  # first-seen order
         group = [p for p in loose if p.label == label]
-        if any(p.positive for p in group):
+        if keep_negative_only or any(p.positive for p in group):
             xy, signs = tuple(p.xy for p in group), tuple(int(p.positive) for p in group)
             prompts.append(Prompt(label, image, None, xy, signs, group[0].from_name))
     return prompts
@@ -211,11 +256,10 @@ def _refuse_rotated_image(region: Mapping[str, Any], where: str) -> None:
         )
 
 
-def _label(region: Mapping[str, Any], kind: str, where: str, image: str, known_labels: Collection[str]) -> str:
-    """The region's label: one that a brush or polygon tag on `image` has (`known_labels`)."""
-    names = region["value"].get(kind)
+def _label(names: Any, kind: str, where: str, image: str, known_labels: Collection[str]) -> str:
+    """The region's label (`names`: its labels list): one that a brush or polygon tag on `image` has."""
     if not isinstance(names, list) or not names or not isinstance(names[0], str) or not names[0]:
-        raise BadRequest(f"{where}: no label chosen (value.{kind} is empty); pick a label before drawing")
+        raise BadRequest(f"{where}: no label chosen ({kind} without a label); pick a label before drawing")
     label = names[0]
     if label not in known_labels:
         raise BadRequest(

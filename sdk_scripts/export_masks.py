@@ -8,7 +8,8 @@ Written under ``--out``:
 - ``images/<stem>.png``: the task's image, RGB, EXIF orientation applied (as Label Studio shows it);
 - ``masks/<stem>.png``: HxW uint8 class indices, 0 = background, k = the k-th label of the label map;
 - ``label_map.json``: ``{"Nucleus": 1, "Cell": 2}``, the labels of the config's BrushLabels and
-  PolygonLabels tags in document order (pixel value = index);
+  PolygonLabels tags (or of the Labels tag its Brush / Polygon tools share) in document order
+  (pixel value = index);
 - ``overlays/<stem>.png``: the image with the mask blended in colour, for a quick visual check;
 - ``tasks.json``: for each stem, the task id, image URI, annotation id and any warnings.
 
@@ -131,7 +132,10 @@ def label_map_from_config(label_config: str) -> dict[str, int]:
     except BackendError as error:
         raise UserError(f"the project's label config cannot be read: {error.message}") from None
     if not labels:
-        raise UserError("the project's label config has no BrushLabels or PolygonLabels labels to export")
+        raise UserError(
+            "the project's label config has no BrushLabels or PolygonLabels labels to export "
+            "(nor Brush / Polygon tools sharing a Labels tag)"
+        )
     if len(labels) > 255:
         raise UserError(f"{len(labels)} labels do not fit a uint8 mask (at most 255)")
     return {label: index for index, label in enumerate(labels, start=1)}

@@ -1,7 +1,8 @@
 """The one client of Label Studio: where it is, how to authorise, and every HTTP call to it.
 
 Used by the image fetcher (file downloads), training (`get_json`: the project and its export), the
-server's /health probe (`health`) and /setup (`configure`). sdk_scripts/ use label-studio-sdk.
+prediction refresher (`call_api`: tasks and predictions), the server's /health probe (`health`) and
+/setup (`configure`). sdk_scripts/ use label-studio-sdk.
 
 Where Label Studio is: LABEL_STUDIO_URL, else the hostname of the first /setup (trust on first use:
 a later /setup naming another origin is refused, counted and shown in /health). The API key:
@@ -238,32 +239,65 @@ class LabelStudioClient:
 
     # ----------------------------------------------------------------- the API
     def get_json(self, path: str, params: dict | None = None, timeout_s: float = API_TIMEOUT_S) -> Any:
-        """GET a Label Studio API path (``/api/...``) and return its JSON. A personal access token's
-        access token is refreshed once after a 401; no redirect is followed (a token never leaves the
-        Label Studio origin). Raises LabelStudioUnavailable when the URL or key is unknown, Label
-        Studio does not answer, or answers anything but 200."""
+        """GET a Label Studio API path (``/api/...``) and return its JSON (see `call_api`). Raises
+        LabelStudioUnavailable also when Label Studio answers anything but 200."""
+        status, answer = self.call_api("GET", path, params=params, timeout_s=timeout_s)
+        if status != 200:
+            raise LabelStudioUnavailable(f"Label Studio answered HTTP {status} to GET {path}")
+        return answer
+
+    def call_api(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: Any = None,
+        timeout_s: float = API_TIMEOUT_S,
+    ) -> tuple[int, Any]:
+        """Send `method` to a Label Studio API path (``/api/...``), with `body` as JSON when given:
+        (HTTP status, the answer's JSON, or None when it is empty or a non-2xx answer is not JSON).
+        A personal access token's access token is refreshed once after a 401; no redirect is
+        followed (a token never leaves the Label Studio origin). Raises LabelStudioUnavailable when
+        the URL or key is unknown, Label Studio does not answer, or a 2xx answer is not JSON."""
         auth = self.auth()
         if not self.url or auth is None:
             raise LabelStudioUnavailable(_UNKNOWN)
         target = self.parse(f"{self.url}{path}")
-        response = self._get_api(target, path, params, timeout_s)
+        response = self._send_api(method, target, path, params, body, timeout_s)
         if response.status_code == 401:  # a personal access token's access token expired: refresh once
             auth.on_unauthorized()
-            response = self._get_api(target, path, params, timeout_s)
-        if response.status_code != 200:
-            raise LabelStudioUnavailable(f"Label Studio answered HTTP {response.status_code} to GET {path}")
-        return response.json()
+            response = self._send_api(method, target, path, params, body, timeout_s)
+        status = response.status_code
+        if not response.content:
+            return status, None
+        try:
+            return status, response.json()
+        except ValueError:
+            if 200 <= status < 300:
+                raise LabelStudioUnavailable(f"Label Studio answered {method} {path} with something not JSON") from None
+            return status, None
 
-    def _get_api(self, target: FetchTarget, path: str, params: dict | None, timeout_s: float) -> requests.Response:
+    def _send_api(
+        self, method: str, target: FetchTarget, path: str, params: dict | None, body: Any, timeout_s: float
+    ) -> requests.Response:
         headers = self.headers_for(target)
         if not headers:
-            raise ForbiddenImageSource(f"GET {path} would leave the Label Studio origin: refused")
+            raise ForbiddenImageSource(f"{method} {path} would leave the Label Studio origin: refused")
         try:
-            return self._session().get(
-                target.url, params=params, headers=headers, timeout=timeout_s, allow_redirects=False
+            return self._session().request(
+                method,
+                target.url,
+                params=params,
+                json=body,
+                headers=headers,
+                timeout=timeout_s,
+                allow_redirects=False,
             )
         except requests.RequestException as error:
-            raise LabelStudioUnavailable(f"Label Studio did not answer GET {path}: {type(error).__name__}") from None
+            raise LabelStudioUnavailable(
+                f"Label Studio did not answer {method} {path}: {type(error).__name__}"
+            ) from None
 
     def health(self) -> bool:
         """Whether Label Studio answers its /health within ~2 s (False also when no URL is known).

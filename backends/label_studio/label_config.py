@@ -73,6 +73,8 @@ class ControlTag:
     smart: bool
     to_names: tuple[str, ...] = ()
     smart_only: bool = False
+    # For an unlabelled tool (Brush, Polygon, ...): (label, name of the Labels tag it comes from).
+    label_sources: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.to_names:
@@ -80,6 +82,10 @@ class ControlTag:
 
     def targets(self, to_name: str) -> bool:
         return to_name in self.to_names
+
+    def labels_tag(self, label: str) -> str | None:
+        """The Labels tag `label` comes from, for an unlabelled tool; None for a *Labels tag."""
+        return next((source for name, source in self.label_sources if name == label), None)
 
 
 @dataclass(frozen=True)
@@ -266,25 +272,34 @@ def _inherit_labels(controls: list[ControlTag]) -> list[ControlTag]:
     for index, tag in enumerate(shared):
         for name in tag.to_names:
             by_image.setdefault(name, []).append(index)
-    resolved: dict[tuple[str, ...], tuple[str, ...]] = {}
+    resolved: dict[tuple[str, ...], dict[str, str]] = {}  # toName list -> {label: its Labels tag}
     result = []
     inherited_total = 0
     for tag in controls:
         if tag.type in ("Brush", "Polygon", "Rectangle", "KeyPoint") and not tag.labels:
             if tag.to_names not in resolved:
                 indexes = sorted({i for name in tag.to_names for i in by_image.get(name, ())})
-                inherited: dict[str, None] = {}
-                for index in indexes:  # in document order, as Label Studio lists them
-                    inherited.update(dict.fromkeys(shared[index].labels))
-                resolved[tag.to_names] = tuple(inherited)
-            inherited_total += len(resolved[tag.to_names])
+                inherited: dict[str, str] = {}
+                for index in indexes:  # in document order, as Label Studio lists them; the first tag wins
+                    for label in shared[index].labels:
+                        inherited.setdefault(label, shared[index].name)
+                resolved[tag.to_names] = inherited
+            sources = resolved[tag.to_names]
+            inherited_total += len(sources)
             if inherited_total > MAX_INHERITED_LABELS:
                 raise LabelConfigError(
                     f"the label config's unlabelled tools would inherit more than {MAX_INHERITED_LABELS} labels "
                     "from Labels tags in all: give the tools their own labels or share fewer Labels tags"
                 )
             tag = ControlTag(
-                tag.name, tag.type, tag.to_name, resolved[tag.to_names], tag.smart, tag.to_names, tag.smart_only
+                tag.name,
+                tag.type,
+                tag.to_name,
+                tuple(sources),
+                tag.smart,
+                tag.to_names,
+                tag.smart_only,
+                tuple(sources.items()),
             )
         result.append(tag)
     return result

@@ -82,13 +82,36 @@ def mask_regions(
     score: float | None = None,
     to_name: str | None = None,
     tolerance: float = 1.0,
+    first_id: str | None = None,
 ) -> list[dict]:
     """The result regions of an HxW bool mask in `tag`'s kind: one `brushlabels` region for a brush
     tag, `polygonlabels` regions (one per component, simplified within `tolerance` pixels) for a
-    polygon tag."""
+    polygon tag. `first_id`: the id of the (first) region, e.g. to replace an earlier answer in place.
+
+    An unlabelled Brush / Polygon tool takes its labels from a Labels tag: each region is then the
+    pair Label Studio's editor itself saves for such a region, with one id: the tool's result
+    (`brush` {format, rle} / `polygon` {points, closed}) and the Labels tag's (`labels`, the same
+    value plus `labels`).
+    """
     if tag.type in BRUSH_TYPES:
-        return [brush_region(mask, label, tag, score, to_name=to_name)]
-    return polygon_regions(mask, label, tag, score, tolerance=tolerance, to_name=to_name)
+        regions = [brush_region(mask, label, tag, score, to_name=to_name)]
+    else:
+        regions = polygon_regions(mask, label, tag, score, tolerance=tolerance, to_name=to_name)
+    if regions and first_id:
+        regions[0]["id"] = first_id
+    labels_tag = tag.labels_tag(label)
+    if labels_tag is None:
+        return regions
+    return [twin for region in regions for twin in _tool_and_labels_results(region, tag, labels_tag)]
+
+
+def _tool_and_labels_results(region: dict, tag: ControlTag, labels_tag: str) -> list[dict]:
+    """A `brushlabels` / `polygonlabels` region -> the unlabelled tool's result and the Labels tag's."""
+    kind = str(region["type"])
+    value = {key: item for key, item in region["value"].items() if key != kind}
+    tool = {**region, "type": tag.type.lower(), "value": value}
+    labels = {**region, "from_name": labels_tag, "type": "labels", "value": {**value, "labels": region["value"][kind]}}
+    return [tool, labels]
 
 
 def results_to_class_mask(
@@ -147,14 +170,20 @@ def _usable_regions(results, label_map, height, width, max_polygon_vertices, war
             warnings.append(f"region {order}: not an object, skipped")
             continue
         kind = str(region.get("type", "")).lower()
+        value = region.get("value")
+        labels_key = kind
+        if kind == "labels" and isinstance(value, Mapping):
+            # a Labels tag's result next to an unlabelled Brush / Polygon tool: same value plus labels
+            labels_key, kind = "labels", _labelled_shape(value)
         if kind not in ("brushlabels", "polygonlabels"):
             continue
         name = f"region {order} ({kind}, id {region.get('id', '?')})"
-        value = region.get("value")
         if not isinstance(value, Mapping):
             warnings.append(f"{name}: no value, skipped")
             continue
-        labels = value.get(kind) or []
+        labels = value.get(labels_key) or []
+        if not isinstance(labels, list):
+            labels = []
         known = [label for label in labels if isinstance(label, str) and label in label_map]
         if not known:
             warnings.append(f"{name}: label {labels!r} is not in the label map, skipped")
@@ -168,6 +197,16 @@ def _usable_regions(results, label_map, height, width, max_polygon_vertices, war
             warnings.append(f"{name}: empty region, skipped")
             continue
         yield order, int(label_map[known[0]]), region, crop, origin
+
+
+def _labelled_shape(value: Mapping) -> str:
+    """The kind of mask a `labels` result's value holds: its tool's twin carries no labels, so the
+    labels result is the one read (rectangles, keypoints and other Labels uses are not masks)."""
+    if "rle" in value:
+        return "brushlabels"
+    if "points" in value and "x" not in value:
+        return "polygonlabels"
+    return ""
 
 
 def _paint(class_mask: np.ndarray, crop: np.ndarray, origin: tuple[int, int], index: int, over: bool) -> None:

@@ -3,7 +3,9 @@
 `create_app(ModelClass, settings)` serves what Label Studio 1.23 calls (timeouts it applies):
 `GET /health` and `GET /` (1 s), `POST /setup` (3 s), `POST /predict` (100 s; batch, or interactive
 with `params.context`), `POST /webhook` (1 s: answered at once, `fit` runs in the background),
-`GET /versions`, plus `GET /metrics` (Prometheus text).
+`GET /versions`, plus `GET /metrics` (Prometheus text) and, for people, a status page: `GET /` from a
+browser (Accept: text/html; anything else still gets /health's JSON), `GET /status.json` that it
+polls, `GET /static/<file>` for its script and plot library (backends/server/status_page.py).
 
 `BackendServer` holds what lives as long as the process (FastAPI's lifespan pattern): the runtime
 (settings, image fetcher, the Label Studio client, metrics, background work), the service the
@@ -23,13 +25,14 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
 
-from backends.errors import BadRequest, TooManyRequests
+from backends.errors import BadRequest, NotFound, TooManyRequests
 from backends.label_studio.client import LabelStudioClient
 from backends.metrics import Metrics
 from backends.server.guard import JSONAnswer, RequestGuard, Telemetry, install_error_handlers, redact_answer
@@ -48,6 +51,8 @@ from backends.server.protocol import (
     predictions_of,
     project_id_of,
 )
+from backends.server.recent_errors import RecentErrors
+from backends.server.status_page import StaticAssets, limits_in_force, render_status_page, status_report
 from backends.server.work_queue import BoundedExecutor, QueueFull
 from backends.settings import Settings
 
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND_WORKERS = 4
 HEALTH_THREADS = 4  # /health gets its own threads: slow predictions must not starve it
+RECENT_ERRORS = 50  # warnings and errors kept for the status page
 
 
 # -- Label Studio reachability, for /health ---------------------------------------------------
@@ -240,9 +246,16 @@ class BackendServer:
         self.instances = ModelInstances(model_class, self.runtime, self.service, settings.max_projects)
         self.probe = LabelStudioProbe(label_studio)
         self.probe.reachable()  # first probe starts now, so the first /health already knows
+        # The status page's recent errors: every warning logged in this process while the server
+        # lives (the handler goes with the server, also when a test drops it without a shutdown).
+        self.recent_errors = RecentErrors(capacity=RECENT_ERRORS)
+        self.static_assets = StaticAssets()
+        logging.getLogger().addHandler(self.recent_errors)
+        weakref.finalize(self, logging.getLogger().removeHandler, self.recent_errors)
 
     def shutdown(self) -> None:
         """The process is stopping: long fits check `stopping` and stop early; queued work is dropped."""
+        logging.getLogger().removeHandler(self.recent_errors)
         self.runtime.stopping.set()
         self.runtime.background.shutdown(wait=False, cancel_futures=True)
 
@@ -325,6 +338,30 @@ class BackendServer:
         """GET /versions."""
         return {"versions": self.service.versions()}
 
+    def status(self) -> dict:
+        """GET /status.json: what the status page polls (backends/server/status_page.py), redacted."""
+        return redact_answer(status_report(self))
+
+    def status_page(self) -> Response:
+        """GET / from a browser: the status page, its values escaped, secrets redacted."""
+        report = status_report(self)
+        try:
+            versions = self.service.versions()
+        except Exception:  # a broken version folder must not take the page down
+            log.exception("%s.versions() failed", type(self.service).__name__)
+            versions = []
+        limits = limits_in_force(self.settings, self.model_class.__module__.partition(".")[0])
+        page = render_status_page(redact_answer(report), redact_answer(versions), limits, self.model_class.__name__)
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    def static_file(self, name: str) -> Response:
+        """GET /static/<name>: the status page's scripts and styles (an allow-list, nothing else)."""
+        found = self.static_assets.get(name)
+        if found is None:
+            raise NotFound(f"no static file {name!r}")
+        content, media_type = found
+        return Response(content, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
     def metrics_text(self) -> Response:
         """GET /metrics: Prometheus text."""
         payload, content_type = self.runtime.metrics.render()
@@ -395,9 +432,23 @@ def create_app(
         response_model=HealthResponse,
         responses=ERROR_RESPONSES,
     )
-    @app.get("/", include_in_schema=False)
     async def health() -> dict:
         return await anyio.to_thread.run_sync(server.health, limiter=health_limiter)
+
+    @app.get("/", include_in_schema=False)
+    async def root(request: Request) -> Any:
+        """The status page for a browser (Accept: text/html); /health's JSON for anything else."""
+        if "text/html" in request.headers.get("accept", ""):  # the common pool: /health keeps its own threads
+            return await anyio.to_thread.run_sync(server.status_page)
+        return await anyio.to_thread.run_sync(server.health, limiter=health_limiter)
+
+    @app.get("/status.json", include_in_schema=False)
+    def status() -> dict:
+        return server.status()
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> Response:
+        return server.static_file(name)
 
     @app.post(
         "/setup",

@@ -33,9 +33,9 @@ from backends.settings import Settings
 
 log = logging.getLogger("backends.server.app")
 
-ENDPOINTS = ("/", "/health", "/setup", "/predict", "/webhook", "/versions", "/metrics")
-# Requests that arrive every few seconds: logged at DEBUG only.
-_QUIET_ENDPOINTS = {"/", "/health", "/metrics"}
+ENDPOINTS = ("/", "/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/status.json", "/static")
+# Requests that arrive every few seconds (the status page polls /status.json): logged at DEBUG only.
+_QUIET_ENDPOINTS = {"/", "/health", "/metrics", "/status.json", "/static"}
 
 
 # -- JSON out -------------------------------------------------------------------------------
@@ -79,6 +79,8 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
 def endpoint_label(path: str) -> str:
     """The metrics label of a request path: a known endpoint, else "other" (bounded cardinality)."""
     normalized = path.rstrip("/") or "/"
+    if normalized.startswith("/static/"):  # the status page's few files, one label
+        normalized = "/static"
     return normalized if normalized in ENDPOINTS else "other"
 
 

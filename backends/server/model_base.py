@@ -117,6 +117,11 @@ class BackendService:
         """Model versions listed by GET /versions."""
         return list(self._versions)
 
+    def training_history(self) -> dict[str, dict]:
+        """Per project, the latest training run's points for the status page's plots
+        (`{"loss": [[step, loss, elapsed_s], ...], "val_dice": [[step, dice, elapsed_s], ...]}`)."""
+        return {}
+
     def project_busy(self, project_id: str) -> bool:
         """True while the project has work queued or running (a training run): the server does
         not evict a busy project (MAX_PROJECTS)."""

@@ -21,8 +21,9 @@ to theirs (Otsu on the colour distance to the clicked colour, in a window around
 
 Negative clicks (Alt-click) on the mask split it: a watershed on the mask's distance transform,
 seeded by the positive clicks (or the mask's deepest point) and by each negative click, keeps the
-positive basins only. Two touching nuclei in one box separate at their neck; a negative click on
-the background changes nothing.
+positive basins only, less what lies nearer a negative click than the positive seeds. Two
+touching nuclei in one box separate at their neck, a click on one side of a single nucleus cuts
+that side off; a negative click on the background changes nothing.
 
 Score (0..1, an estimate of the mask's quality, for the region's score in Label Studio):
 box prompts: sqrt(stability x contrast) x border factor, where stability is the IoU of the mask
@@ -182,7 +183,9 @@ def exclude_negatives(mask: np.ndarray, positives: np.ndarray, negatives: np.nda
     Watershed on the negative distance transform, one marker per negative click on the mask and
     one for the object (the positive clicks on the mask, else the mask's point deepest inside and
     farthest from the negatives); only the object's basins stay, holes filled, the negative
-    basins and a small disk round each negative click kept out. Clicks off the mask change nothing.
+    basins, the pixels nearer a negative click than every object seed (a convex object is a
+    single basin: this cuts the clicked side off) and a small disk round each negative click kept
+    out. Clicks off the mask change nothing.
     """
     on_mask = [tuple(p) for p in negatives if mask[p[1], p[0]]]
     if not on_mask:
@@ -205,7 +208,10 @@ def exclude_negatives(mask: np.ndarray, positives: np.ndarray, negatives: np.nda
     for x, y in keep_seeds:
         markers[y, x] = 1
     basins = watershed(-depth, markers, mask=mask)
-    removed = (basins == 2) | _disks(mask.shape, np.array(on_mask), NEGATIVE_RADIUS)
+    # A convex object is one basin: the click's own basin is a sliver. What lies nearer the
+    # negative clicks than the object's seeds goes too (the bisector cuts the clicked side off).
+    closer_to_negative = _distance_to(mask.shape, on_mask) < _distance_to(mask.shape, keep_seeds)
+    removed = (basins == 2) | closer_to_negative | _disks(mask.shape, np.array(on_mask), NEGATIVE_RADIUS)
     kept = ndi.binary_fill_holes(basins == 1) & ~removed
     return _object_component(kept, np.array(keep_seeds)) if kept.any() else kept
 
@@ -284,6 +290,14 @@ def _points_in(points: np.ndarray | None, crop: tuple[int, ...], scale: float, f
         & (local[:, 1] < frame[3] - frame[1])
     )
     return local[keep]
+
+
+def _distance_to(shape: tuple[int, ...], points: list) -> np.ndarray:
+    """Euclidean distance of every pixel to the nearest of `points` ((x, y) ints)."""
+    free = np.ones(shape[:2], bool)
+    for x, y in points:
+        free[y, x] = False
+    return ndi.distance_transform_edt(free)
 
 
 def _disks(shape: tuple[int, int], centres: np.ndarray, radius: float) -> np.ndarray:

@@ -99,3 +99,16 @@ def test_scores_rank_masks_by_their_true_iou_on_dsb2018_nuclei(shared_data):
     assert len(scores) >= 100
     assert spearmanr(scores, ious).statistic > 0.5
     assert np.mean(np.array(scores) > 0.999) < 0.05 and min(scores) >= 0.0 and max(scores) <= 1.0
+
+
+def test_a_negative_click_on_one_side_of_a_single_disc_in_a_box_cuts_that_side_off():
+    # a convex object is one watershed basin: the cut follows the bisector between object and click
+    image, (disk,) = disks_image([(70, 60)], 30)
+    engine = ClassicEngine()
+    embedding = engine.embed(image)
+    box = [38, 28, 103, 93]
+    whole, _ = engine.predict(embedding, box=box)
+    assert iou(whole, disk) > 0.8
+    cut, _ = engine.predict(embedding, box=box, points=[[89, 60]], point_labels=[0])
+    assert cut.sum() < 0.8 * whole.sum() and not cut[60, 89:].any()
+    assert cut[60, 55] and (cut & ~whole).sum() == 0  # the far side stays, nothing is added
