@@ -19,6 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from backends.settings import Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 GPU_OVERRIDE = REPO_ROOT / "docker-compose.gpu.yml"
@@ -26,6 +28,10 @@ ENV_EXAMPLE = REPO_ROOT / ".env.example"
 SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 
 BACKENDS = {"segmentation": 7070, "sam": 9090}
+# The `scale` profile (README "At scale"): a second SAM replica behind an nginx proxy, two Redis
+# servers (cache: evicts; queue: never) and a training worker.
+SCALE = {"sam-2", "sam-proxy", "segmentation-worker", "redis-cache", "redis-queue"}
+SAM_PROXY_CONF = REPO_ROOT / "deploy" / "nginx" / "sam-proxy.conf"
 PORTS = {"label-studio": 8080, "fake-gcs-server": 4443, **BACKENDS}
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -181,7 +187,7 @@ def test_files_match_the_compose_schema(schema, compose, gpu, env_example, which
 # ---------------------------------------------------------------- services
 def test_services_images_and_builds(compose):
     services = compose["services"]
-    assert set(services) == {"label-studio", "segmentation", "sam", "fake-gcs-server"}
+    assert set(services) == {"label-studio", "segmentation", "sam", "fake-gcs-server", *SCALE}
     assert services["label-studio"]["image"] == "heartexlabs/label-studio:1.23.2"
     gcs_image, _, tag = services["fake-gcs-server"]["image"].partition(":")
     assert gcs_image == "fsouza/fake-gcs-server" and re.fullmatch(r"\d+\.\d+\.\d+", tag)
@@ -205,10 +211,11 @@ def test_ports_restart_and_healthchecks(resolved):
         assert all(str(p).startswith("127.0.0.1:") for p in resolved["services"][name]["ports"]), name
 
 
-def test_only_the_emulator_is_behind_the_dev_profile(compose):
+def test_only_the_emulator_and_the_scale_services_are_behind_profiles(compose):
     services = compose["services"]
     assert services["fake-gcs-server"]["profiles"] == ["dev"]
-    assert [name for name, service in services.items() if "profiles" in service] == ["fake-gcs-server"]
+    profiles = {name: service["profiles"] for name, service in services.items() if "profiles" in service}
+    assert profiles == {"fake-gcs-server": ["dev"], **{name: ["scale"] for name in SCALE}}
 
 
 def test_persistent_volumes(compose):
@@ -218,7 +225,10 @@ def test_persistent_volumes(compose):
     assert ["segmentation-models", "/models"] in mounts["segmentation"]
     for service_mounts in mounts.values():
         for source, *_ in service_mounts:
-            assert source in declared, f"volume {source} is not declared"
+            if source.startswith("./"):  # a file of this repository, bind-mounted
+                assert (REPO_ROOT / source).is_file(), f"{source} is missing"
+            else:
+                assert source in declared, f"volume {source} is not declared"
 
 
 def test_backends_wait_for_a_healthy_label_studio(compose):
@@ -250,9 +260,13 @@ def test_label_studio_environment(resolved, env_example):
     for key in ("LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN"):
         assert env[key] == env_example[key]
     assert env["COLLECT_ANALYTICS"] == "false" and env["SENTRY_DSN"] == ""
-    # The backends' token defaults to the admin's legacy token.
+    # The backends' token defaults to the admin's legacy token (Settings falls back to it: compose
+    # v1 cannot nest the default).
     for name in BACKENDS:
-        assert environment(resolved["services"][name])["LABEL_STUDIO_API_KEY"] == env_example["LABEL_STUDIO_USER_TOKEN"]
+        backend_env = environment(resolved["services"][name])
+        assert backend_env["LABEL_STUDIO_API_KEY"] == ""
+        assert Settings.from_env(backend_env).label_studio_api_key == env_example["LABEL_STUDIO_USER_TOKEN"]
+        assert Settings.from_env({**backend_env, "LABEL_STUDIO_API_KEY": "pat"}).label_studio_api_key == "pat"
 
 
 def test_dev_profile_values_point_label_studio_at_the_emulator(compose, env_example):
@@ -349,3 +363,85 @@ def test_docker_compose_config_accepts_the_files(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- the scale profile
+def scale_env(env_example: dict[str, str]) -> dict[str, str]:
+    """.env.example with the scale profile's values, as its comments give them."""
+    documented = dict(re.findall(r"^#\s+((?:SAM|SEGMENTATION)_REDIS_URL)=(\S+)$", ENV_EXAMPLE.read_text(), re.M))
+    assert set(documented) == {"SAM_REDIS_URL", "SEGMENTATION_REDIS_URL"}
+    return {**env_example, **documented}
+
+
+def mounts_of(service: dict) -> dict[str, str]:
+    """target -> source, from short ("src:dst:ro") or long ({source, target}) volume syntax."""
+    pairs = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *_ = volume.split(":")
+        else:
+            source, target = volume["source"], volume["target"]
+        pairs[target] = source
+    return pairs
+
+
+def test_default_services_never_need_the_scale_profile(compose, resolved):
+    services = compose["services"]
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"label-studio", "segmentation", "sam"}
+    for name in default:
+        assert set(services[name].get("depends_on", {})) <= default, name
+    # Without the profile's values Redis is off: one process per backend, exactly as before.
+    for name in BACKENDS:
+        assert environment(resolved["services"][name])["REDIS_URL"] == ""
+
+
+def test_scale_profile_shape(compose, env_example):
+    services = interpolate_tree(compose, scale_env(env_example))["services"]
+    sam, sam_2 = services["sam"], services["sam-2"]
+    # Two identical SAM replicas sharing the cache; only the first is published on the host.
+    assert environment(sam) == environment(sam_2)
+    assert environment(sam)["REDIS_URL"] == "redis://redis-cache:6379/0"
+    assert sam_2["image"] == sam["image"] and sam_2["build"] == sam["build"]
+    assert sam_2["healthcheck"] == sam["healthcheck"] and "ports" not in sam_2
+    # The worker: the segmentation image and environment, its queue, its models volume.
+    worker, segmentation = services["segmentation-worker"], services["segmentation"]
+    assert worker["image"] == segmentation["image"]
+    assert worker["command"] == ["python", "-m", "segmentation.worker"]
+    assert environment(worker) == environment(segmentation)
+    assert environment(worker)["REDIS_URL"] == "redis://redis-queue:6379/0"
+    assert mounts_of(worker) == mounts_of(segmentation) == {"/models": "segmentation-models"}
+    # Redis: the cache evicts within its budget, the queue never evicts and keeps its jobs on disk.
+    cache, queue = " ".join(services["redis-cache"]["command"]), " ".join(services["redis-queue"]["command"])
+    assert services["redis-cache"]["image"] == services["redis-queue"]["image"] == "redis:7"
+    assert "--maxmemory 1gb --maxmemory-policy allkeys-lru" in cache and "--appendonly no" in cache
+    assert "--maxmemory-policy noeviction" in queue and "--appendonly yes" in queue
+    assert mounts_of(services["redis-queue"]) == {"/data": "redis-queue-data"}
+    # The proxy: one URL (sam-proxy:9090) over exactly the two replicas, both started before it.
+    proxy = services["sam-proxy"]
+    assert mounts_of(proxy) == {"/etc/nginx/nginx.conf": "./deploy/nginx/sam-proxy.conf"}
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", SAM_PROXY_CONF.read_text(), re.M)
+    assert sorted(upstreams) == [("sam", "9090"), ("sam-2", "9090")]
+    assert set(proxy["depends_on"]) == {"sam", "sam-2"}
+    assert re.search(r"^\s*listen 9090;", SAM_PROXY_CONF.read_text(), re.M)
+    assert container_ports(proxy) == {9090} and all(p.startswith("127.0.0.1:") for p in proxy["ports"])
+
+
+def test_docker_compose_loads_the_scale_profile(tmp_path, env_example):
+    """Docker's own loader (Debian's docker-compose 1.29 supports profiles since 1.28) on the
+    file with the scale profile's values: the merged environments and the resolved paths."""
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no docker-compose on PATH (installed by .ci/run; the tests above still ran)")
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in scale_env(env_example).items()))
+    argv = [*command, "--project-directory", str(REPO_ROOT), "--env-file", str(env_file), "-f", str(COMPOSE)]
+    result = subprocess.run([*argv, "--profile", "scale", "config"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) >= SCALE
+    assert environment(services["sam-2"]) == environment(services["sam"])
+    assert environment(services["sam-2"])["REDIS_URL"] == "redis://redis-cache:6379/0"
+    assert environment(services["segmentation-worker"])["REDIS_URL"] == "redis://redis-queue:6379/0"
+    assert environment(services["segmentation-worker"])["MODEL_DIR"] == "/models"
+    assert Path(mounts_of(services["sam-proxy"])["/etc/nginx/nginx.conf"]) == SAM_PROXY_CONF
