@@ -26,6 +26,7 @@ from backends.errors import ImageUnavailable
 from backends.images.decode import allow_pixels, decode_image
 from backends.label_studio.annotations import newest_annotation
 from segmentation.augment import apply
+from segmentation.normalization import PER_IMAGE, Normalization
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOCAL_MAX_PIXELS = 120_000_000  # image files read from a folder: IMAGE_MAX_MEGAPIXELS's default
@@ -210,6 +211,7 @@ class CropDataset(torch.utils.data.Dataset):
     """Random augmented crops from `samples`; one epoch = `length` crops.
 
     Items: (3xSxS float32 normalised image, 1xSxS int64 class indices), S = crop_size.
+    `normalization`: the network's (per image: each crop by its own statistics, as before).
     """
 
     def __init__(
@@ -219,9 +221,11 @@ class CropDataset(torch.utils.data.Dataset):
         length: int,
         augment: Callable | None = None,
         seed: int = 0,
+        normalization: Normalization = PER_IMAGE,
     ):
         if not samples:
             raise ValueError("no training samples")
+        self.normalization = normalization
         self.samples = list(samples)
         self.crop_size = crop_size
         self.length = length
@@ -235,7 +239,8 @@ class CropDataset(torch.utils.data.Dataset):
         sample = self.samples[self.rng.randrange(len(self.samples))]
         image, mask = crop_sample(sample, self.crop_size, self.rng)
         image, mask = apply(self.augment, np.ascontiguousarray(image), np.ascontiguousarray(mask))
-        return torch.from_numpy(normalize(image)), torch.from_numpy(mask[None].astype(np.int64))
+        pixels = normalize(image) if self.normalization.per_image else self.normalization.apply(image)
+        return torch.from_numpy(pixels), torch.from_numpy(mask[None].astype(np.int64))
 
 
 def split_samples(

@@ -15,6 +15,10 @@ The story, in order:
   is not queued twice (the answer says so). A run fetches the project's annotations from Label
   Studio, trains for TRAIN_MINUTES, saves a new version atomically and only then serves it.
   Progress and problems are in /health (a `TrainingStatus` per project) and /metrics.
+  With REDIS_URL the run is an RQ job instead (segmentation/job_queue.py), run by
+  `python -m segmentation.worker` processes; /health shows the status they publish in Redis.
+- Serving: each project's `current` version is looked at every SEG_VERSION_POLL_S, so a version
+  promoted by another process (a worker, the offline CLI) is served without a restart.
 - The server keeps MAX_PROJECTS projects; the service's `forget_project` drops an evicted project's
   state, /health entry and metric series (a queued or training project is never evicted).
 
@@ -23,9 +27,7 @@ Versions of project P live in MODEL_DIR/project-P/ (see segmentation/versions.py
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,11 @@ from backends.label_studio.regions import mask_regions
 from backends.server.model_base import BackendRuntime, LabelStudioMLBase, ModelResponse
 from backends.server.protocol import image_uri_of
 from backends.server.work_queue import QueueFull
-from segmentation.data import SampleStore, samples_from_tasks
+from segmentation.data import SampleStore
+from segmentation.job_queue import STALE_WRITE_S, TrainingJobs
+from segmentation.label_map import match_label
+from segmentation.postprocess import Cleaning, clean_segmentation
 from segmentation.service import (
-    TRAINING_SAMPLES_PREFIX,
     UNTRAINED,
     ProjectState,
     SegmentationService,
@@ -48,15 +52,20 @@ from segmentation.service import (
     remove_interrupted_runs,
 )
 from segmentation.tiled_inference import segment_images
-from segmentation.trainer import Progress, TrainConfig, train
-from segmentation.versions import LOAD_ERRORS, LoadedModel, current_version, load_version
+from segmentation.trainer import Progress
+from segmentation.training_run import (
+    collect_samples,
+    labelled_tasks,
+    progress_fields,
+    project_label_config,
+    run_training,
+)
+from segmentation.versions import LOAD_ERRORS, LoadedModel, VersionInfo, current_version, load_version
 
 log = logging.getLogger(__name__)
 
 # Upper bound of brush RLE bytes per run of a mask (a token is at most 1 + 2 + 16 + 8 bits).
 RLE_BYTES_PER_RUN = 27 / 8
-MAX_REPORTED_PROBLEMS = 10
-MAX_REPORTED_CHARS = 200  # per problem or error message in /health
 
 
 class SegmentationBackend(LabelStudioMLBase):
@@ -73,8 +82,12 @@ class SegmentationBackend(LabelStudioMLBase):
 
     @classmethod
     def startup(cls, runtime: BackendRuntime) -> SegmentationService:
-        remove_interrupted_runs(Path(runtime.settings.model_dir))  # before the fallback model is looked up
-        return SegmentationService(runtime.settings, runtime.metrics)
+        settings = runtime.settings
+        jobs = TrainingJobs.from_settings(settings) if settings.redis_url else None  # runs go to RQ workers
+        # Before the fallback model is looked up. A MODEL_DIR shared with workers may hold a version
+        # being written right now: only old leftovers are removed then.
+        remove_interrupted_runs(Path(settings.model_dir), older_than_s=STALE_WRITE_S if jobs else 0.0)
+        return SegmentationService(settings, runtime.metrics, training_jobs=jobs)
 
     # -- per project -----------------------------------------------------------------------------
 
@@ -96,16 +109,36 @@ class SegmentationBackend(LabelStudioMLBase):
         self.model_version = served.info.version if served else UNTRAINED
 
     def served_model(self) -> LoadedModel | None:
-        """The project's current version (loaded once), else the fallback model, else None."""
+        """The project's current version, else the fallback model, else None. `current` is looked
+        at again at most every SEG_VERSION_POLL_S: a version another process promoted (an RQ worker,
+        the offline CLI) is served within that time, without a restart."""
         state = self.state
         with state.lock:
-            if state.model is None:
-                name = current_version(self.project_dir)
-                try:
-                    state.model = load_version(self.project_dir / name, self.service.device) if name else None
-                except LOAD_ERRORS as error:  # keep serving the fallback
-                    log.error("project %s: cannot load version %s: %s", self.project_id, name, error)
-            return state.model or self.service.fallback
+            self._pick_up_current(state)
+            served = state.model or self.service.fallback
+        # a version served for the first time refreshes the unlabeled tasks' predictions (refresh.py)
+        self.service.refresher.served(self, served.info.version if served else None)
+        return served
+
+    def _pick_up_current(self, state: ProjectState) -> None:
+        """Under the state's lock: load the project's current version if it changed since the last
+        look (at most one look per SEG_VERSION_POLL_S: a read of `current` and a stat). A version
+        that cannot be loaded is logged once and the model served so far stays."""
+        now = time.monotonic()
+        if now - state.version_checked < self.runtime.settings.seg_version_poll_s:
+            return
+        state.version_checked = now
+        name = current_version(self.project_dir)
+        if name is None or name == state.loaded_version:
+            return
+        state.loaded_version = name
+        try:
+            state.model = load_version(self.project_dir / name, self.service.device)
+        except LOAD_ERRORS as error:  # keep serving what was served
+            log.error("project %s: cannot load version %s: %s", self.project_id, name, error)
+        else:
+            self.model_version = name
+            log.info("project %s: serving version %s", self.project_id, name)
 
     # -- predict ---------------------------------------------------------------------------------
 
@@ -132,8 +165,13 @@ class SegmentationBackend(LabelStudioMLBase):
             with holding_image(self.runtime.images, image_uri_of(task, image_key), task_id) as image:
                 with self.service.inference_lock:
                     (segmentation,) = segment_images(
-                        model.network, [image.pixels], model.device, size_multiple=model.info.network.size_multiple
+                        model.network,
+                        [image.pixels],
+                        model.device,
+                        size_multiple=model.info.network.size_multiple,
+                        normalization=model.info.network.normalization,
                     )
+                segmentation = clean_segmentation(segmentation, Cleaning.from_settings(self.runtime.settings))
                 regions, notes = self._regions(segmentation, model.info.labels, image_name)
         except BackendError as error:
             if single:
@@ -150,8 +188,9 @@ class SegmentationBackend(LabelStudioMLBase):
         """One brushlabels region per class present (and polygons where the config has them), and
         a note for each label left out.
 
-        The model's classes are matched to the config by label name: labels the project no longer
-        has are dropped; labels it added are predicted once a model is trained with them. A label
+        The model's classes are matched to the config by label name (a pretrained model's class
+        names without regard to case): labels the project no longer has are dropped; labels it
+        added are predicted once a model is trained with them. A label
         whose mask is so fragmented that the task's brush RLE would pass SEG_MAX_RLE_MB (estimated
         from its runs before encoding) is left out: Label Studio cannot use such an answer.
         """
@@ -159,8 +198,10 @@ class SegmentationBackend(LabelStudioMLBase):
         budget = self.runtime.settings.seg_max_rle_mb * 2**20
         regions: list[dict] = []
         notes: list[str] = []
+        project_labels = {label.lower(): label for label in config.output_labels()}
         for index, score in sorted(segmentation.class_confidence.items()):
             label = model_labels[index - 1]
+            label = label if config.output_tags(image_name, label) else match_label(label, project_labels) or label
             tags = config.output_tags(image_name, label)
             if not tags:
                 continue
@@ -183,11 +224,14 @@ class SegmentationBackend(LabelStudioMLBase):
         """Count the annotation or queue a training run; returns what happened, for the webhook's
         answer: {"training": "waiting" | "queued" | "already queued" | "already running", ...}.
         Raises TooManyRequests when the training queue is full (the annotation count is kept, so a
-        later annotation tries again)."""
+        later annotation tries again). With REDIS_URL the count is shared by the replicas and the
+        run is an RQ job (Overloaded, a 503, while Redis does not answer)."""
         state = self.state
+        project = self.project_id or ""
+        jobs = self.service.training_jobs
         with state.lock:
             if event != "START_TRAINING":
-                state.new_annotations += 1
+                state.new_annotations = jobs.count_annotation(project) if jobs else state.new_annotations + 1
                 if state.new_annotations < self.runtime.settings.train_every:
                     return {
                         "training": "waiting",
@@ -197,9 +241,11 @@ class SegmentationBackend(LabelStudioMLBase):
             outcome = self._queue_training(event)
             if outcome == "queued":
                 state.new_annotations = 0
+                if jobs:
+                    jobs.reset_annotations(project)
                 state.training = TrainingStatus(state="queued", reason=event, queued=time.time())
         answer: dict[str, Any] = {"training": outcome}
-        position = self.service.training_queue.position(self.project_id or "")
+        position = jobs.position(project) if jobs else self.service.training_queue.position(project)
         if position is not None:
             answer["position"] = position
         answer["message"] = self._training_message(outcome, position)
@@ -225,6 +271,9 @@ class SegmentationBackend(LabelStudioMLBase):
     def _queue_training(self, event: str) -> str:
         """Put a run of this project in the training queue: "queued", "already queued" or
         "already running"; TooManyRequests when TRAIN_QUEUE_MAX runs already wait."""
+        jobs = self.service.training_jobs
+        if jobs is not None:  # an RQ worker runs it: python -m segmentation.worker
+            return jobs.submit(self.project_id or "", self.label_config, event)
         queue = self.service.training_queue
         try:
             return queue.submit(self.project_id or "", self._run_queued)
@@ -246,131 +295,74 @@ class SegmentationBackend(LabelStudioMLBase):
         self._train()
 
     def _train(self) -> None:
-        """The training thread: annotations -> samples -> new version -> served."""
+        """The training thread: annotations -> samples -> new version -> served (segmentation/training_run.py)."""
         project = self.project_id or "default"
-        settings = self.runtime.settings
         metrics = self.service.metrics
         metrics.active.labels(project).set(1)
-        stack = contextlib.ExitStack()  # removes the run's decoded samples, whatever happens
         try:
-            if not self.label_config:  # a webhook arrived before any /setup: ask Label Studio
-                project_info = self.runtime.label_studio.get_json(f"/api/projects/{self.project_id}")
-                self.use_label_config(project_info["label_config"])
-            labels = self.parsed_label_config.output_labels()
-            self.project_dir.mkdir(parents=True, exist_ok=True)
-            samples_dir = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=self.project_dir)
-            )
-            samples, problems = self._training_samples(labels, SampleStore(Path(samples_dir)))
-            self._report(
-                problems=[_short(problem) for problem in problems[:MAX_REPORTED_PROBLEMS]],
-                problem_count=len(problems),
-                samples=len(samples),
-            )
-            if problems:
-                metrics.skipped.labels(project).inc(len(problems))
-                log.warning(
-                    "project %s: %d problems in the training data, e.g. %s", project, len(problems), problems[0]
-                )
-            if not samples:
-                raise ValueError("no usable annotated task: nothing to train on")
-            config = TrainConfig(
-                minutes=settings.train_minutes, device=str(self.service.device), val_fraction=settings.val_fraction
-            )
-            info = train(
-                samples,
-                labels,
+            outcome = run_training(
+                project,
+                self._output_labels,
                 self.project_dir,
-                config,
-                progress=self._on_progress,
+                self.runtime.settings,
+                self.service.device,
+                collect=self._training_samples,
+                report=self._report,
+                on_progress=self._on_progress,
                 should_stop=self.runtime.stopping.is_set,
-                extra_training={"project": project, "problem_count": len(problems)},
+                serve=self._serve,
             )
-            model = load_version(info.path, self.service.device)  # written and promoted: now serve it
-            with self.state.lock:
-                self.state.model = model
-            self.model_version = info.version
-            metrics.val_dice.labels(project).set(info.metrics["val_mean_dice"])
-            self._report(
-                state="idle",
-                model_version=info.version,
-                finished=time.time(),
-                val_dice=info.metrics["val_dice"],
-                val_iou=info.metrics["val_iou"],
-            )
-            metrics.runs.labels(project, "ok").inc()
-            log.info(
-                "project %s: version %s trained on %d tasks, val mean Dice %.3f",
-                project,
-                info.version,
-                len(samples),
-                info.metrics["val_mean_dice"],
-            )
-        except Exception as error:  # the served model stays; the failure is reported, not raised
-            message = error.message if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
-            log.error(
-                "project %s: training failed: %s",
-                project,
-                message,
-                exc_info=not isinstance(error, (BackendError, ValueError)),
-            )
-            self._report(state="failed", error=_short(message), finished=time.time())
-            metrics.runs.labels(project, "failed").inc()
         finally:
-            stack.close()
             metrics.active.labels(project).set(0)
+        if outcome.problem_count:
+            metrics.skipped.labels(project).inc(outcome.problem_count)
+        if outcome.version is None:
+            metrics.runs.labels(project, "failed").inc()
+            return
+        metrics.val_dice.labels(project).set(outcome.version.metrics["val_mean_dice"])
+        metrics.runs.labels(project, "ok").inc()
+
+    def _output_labels(self) -> tuple[str, ...]:
+        """The labels a model of this project predicts (asks Label Studio for the config when a
+        webhook arrived before any /setup)."""
+        if not self.label_config:
+            self.use_label_config(project_label_config(self.runtime.label_studio, self.project_id or ""))
+        return self.parsed_label_config.output_labels()
+
+    def _serve(self, info: VersionInfo) -> None:
+        """A run promoted `info`: serve it now rather than at the next version check."""
+        model = load_version(info.path, self.service.device)
+        with self.state.lock:
+            self.state.model = model
+            self.state.loaded_version = info.version
+        self.model_version = info.version
 
     def _training_samples(self, labels: tuple[str, ...], store: SampleStore):
-        """(samples, problems) from the project's annotated tasks; each decoded image and mask goes
-        to `store` (disk) at once, so memory holds one image whatever the number of tasks."""
-        config = self.parsed_label_config
-        image_name = config.required_primary_image()
-        output_names = [tag.name for tag in config.output_tags(image_name)]
-        label_map = {label: index for index, label in enumerate(labels, start=1)}
-        tasks = self._labelled_tasks()
-        return samples_from_tasks(
-            tasks,
-            config.images[image_name],
-            output_names,
-            label_map,
+        """(samples, problems) from the project's annotated tasks, decoded into `store` (disk)."""
+        return collect_samples(
+            self.parsed_label_config,
+            self._labelled_tasks(),
+            labels,
             lambda uri, task_id: self.runtime.images.load(uri, task_id).pixels,
-            store=store,
+            store,
             max_polygon_vertices=self.runtime.settings.polygon_max_vertices,
         )
 
     def _labelled_tasks(self) -> list[dict]:
         """The project's annotated tasks through Label Studio's export API (JSON, annotations inline)."""
-        return self.runtime.label_studio.get_json(
-            f"/api/projects/{self.project_id}/export", {"exportType": "JSON", "download_all_tasks": "false"}
-        )
+        return labelled_tasks(self.runtime.label_studio, self.project_id or "")
 
     def _on_progress(self, progress: Progress) -> None:
         project = self.project_id or "default"
         self.service.metrics.epoch.labels(project).set(progress.epoch)
         self.service.metrics.loss.labels(project).set(progress.loss)
-        update: dict[str, Any] = {
-            "epoch": progress.epoch,
-            "step": progress.step,
-            "loss": round(progress.loss, 4),
-            "elapsed_s": round(progress.elapsed_s, 1),
-            "budget_s": progress.budget_s,
-        }
-        if progress.best_val_score is not None:
-            update["best_val_dice"] = round(progress.best_val_score, 4)
-        if progress.val_score is not None:
-            update["val_dice"] = round(progress.val_score, 4)
-        self._report(**update)
+        self.state.history.add(progress.step, progress.loss, progress.elapsed_s, progress.val_score)  # status page
+        self._report(**progress_fields(progress))
 
     def _report(self, **fields: Any) -> None:
         """Update the project's TrainingStatus (field names as in TrainingStatus)."""
         with self.state.lock:
             self.state.training = self.state.training.updated(**fields)
-
-
-def _short(message: Any) -> str:
-    """A message cut to MAX_REPORTED_CHARS for /health (problems quote URIs, which can be long)."""
-    text = str(message)
-    return text if len(text) <= MAX_REPORTED_CHARS else text[: MAX_REPORTED_CHARS - 3] + "..."
 
 
 def mask_runs(mask: np.ndarray) -> int:

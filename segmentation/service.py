@@ -3,8 +3,9 @@
 `SegmentationBackend.startup` builds one `SegmentationService`; the server holds it and hands it to
 each project's model instance (`self.service`). It holds the device, the fallback model, one
 `ProjectState` per project in memory (its loaded model, annotation count and `TrainingStatus`),
-the training queue, the lock that allows one forward pass at a time and the training metrics, and
-answers what the server asks: /health, /versions and whether a project may be evicted.
+the training queue, the lock that allows one forward pass at a time, the training metrics and the
+prediction refresher (segmentation/refresh.py), and answers what the server asks: /health,
+/versions and whether a project may be evicted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
@@ -25,6 +26,7 @@ from backends.metrics import Metrics
 from backends.server.model_base import BackendService
 from backends.server.work_queue import KeyedQueue
 from backends.settings import Settings
+from segmentation.refresh import PredictionRefresher
 from segmentation.versions import (
     LOAD_ERRORS,
     METRICS_FILE,
@@ -34,12 +36,17 @@ from segmentation.versions import (
     load_version,
     remove_incomplete,
 )
+from segmentation.zero_shot import load_zero_shot, zero_shot_source
+
+if TYPE_CHECKING:
+    from segmentation.job_queue import TrainingJobs
 
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"
 TRAINING_SAMPLES_PREFIX = ".training-samples-"  # decoded training data of a run, under project-P/
 MAX_REPORTED_LABELS = 50  # model_labels listed per project in /health
+MAX_HISTORY_POINTS = 200  # per plotted series of a training run (status page)
 
 
 @dataclass(frozen=True)
@@ -76,13 +83,52 @@ class TrainingStatus:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
 
 
+class TrainingHistory:
+    """The latest run's points for the status page's plots: the loss after each step and the
+    validation Dice after each epoch, each series at most `capacity` points (thread-safe).
+
+    A full series drops every other point, so it still covers the whole run at half the
+    resolution. A step point whose step is not above the previous one starts a new run.
+    """
+
+    def __init__(self, capacity: int = MAX_HISTORY_POINTS):
+        self.capacity = max(capacity, 2)
+        self._loss: list[tuple[int, float, float]] = []  # (step, loss, elapsed_s)
+        self._val_dice: list[tuple[int, float, float]] = []  # (step, mean Dice, elapsed_s)
+        self._lock = threading.Lock()
+
+    def add(self, step: int, loss: float, elapsed_s: float, val_dice: float | None = None) -> None:
+        """A step's loss, or (with `val_dice`) the validation that followed it."""
+        with self._lock:
+            if val_dice is not None:
+                self._append(self._val_dice, (step, round(val_dice, 4), round(elapsed_s, 1)))
+                return
+            if self._loss and step <= self._loss[-1][0]:
+                self._loss.clear()
+                self._val_dice.clear()
+            self._append(self._loss, (step, round(loss, 4), round(elapsed_s, 1)))
+
+    def report(self) -> dict[str, list[list[float]]]:
+        with self._lock:
+            return {"loss": [list(p) for p in self._loss], "val_dice": [list(p) for p in self._val_dice]}
+
+    def _append(self, series: list[tuple[int, float, float]], point: tuple[int, float, float]) -> None:
+        if len(series) >= self.capacity:
+            del series[1::2]  # keep the first point; the newest is appended below
+        series.append(point)
+
+
 @dataclass
 class ProjectState:
-    """What the process knows about one project's model and its training (guarded by `lock`)."""
+    """What the process knows about one project's model and its training (guarded by `lock`;
+    `history` has its own)."""
 
     model: LoadedModel | None = None
+    loaded_version: str | None = None  # the version `model` was loaded from (or last failed to load)
+    version_checked: float = float("-inf")  # time.monotonic() of the last look at `current`
     new_annotations: int = 0
     training: TrainingStatus = field(default_factory=TrainingStatus)
+    history: TrainingHistory = field(default_factory=TrainingHistory)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -119,11 +165,12 @@ class TrainingMetrics:
                 metric.remove(*labels)
 
 
-def remove_interrupted_runs(model_dir: Path) -> None:
+def remove_interrupted_runs(model_dir: Path, older_than_s: float = 0.0) -> None:
     """Delete what interrupted training runs left in MODEL_DIR and its project folders: half-written
-    versions and decoded training samples."""
+    versions and decoded training samples (only those older than `older_than_s` where other
+    processes share MODEL_DIR: see versions.remove_incomplete)."""
     for folder in [model_dir, *model_dir.glob("project-*")]:
-        for leftover in remove_incomplete(folder):
+        for leftover in remove_incomplete(folder, older_than_s):
             log.warning("removed %s, left by an interrupted training run", leftover)
         for leftover in folder.glob(TRAINING_SAMPLES_PREFIX + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -134,9 +181,15 @@ def load_fallback(settings: Settings, device: str) -> tuple[LoadedModel | None, 
     """(model, why it could not be loaded): SEG_CHECKPOINT (a version folder, or a MODEL_DIR-like
     folder of versions), else MODEL_DIR's own current version, for projects without a model of
     their own yet. A model that cannot be loaded (a refused pickle included) is logged and reported
-    in /health, and the backend starts without it."""
+    in /health, and the backend starts without it. A pretrained model (SEG_CHECKPOINT=hf:<id> or a
+    save_pretrained folder, or SEG_MODEL=hf:<id> while nothing is trained) pre-annotates zero-shot
+    with its classes mapped to labels by SEG_LABEL_MAP (segmentation/zero_shot.py)."""
     folder = Path(settings.seg_checkpoint or settings.model_dir)
     try:
+        source = zero_shot_source(settings.seg_checkpoint, settings.seg_model, current_version(folder) is not None)
+        if source:
+            folder = Path(source)
+            return load_zero_shot(source, settings.seg_label_map, settings.seg_allow_hub, device), None
         if (folder / METRICS_FILE).is_file():
             return load_version(folder, device), None
         name = current_version(folder)
@@ -151,16 +204,20 @@ def load_fallback(settings: Settings, device: str) -> tuple[LoadedModel | None, 
 
 class SegmentationService(BackendService):
     """The device, the fallback model, the projects in memory, the training queue (TRAIN_CONCURRENCY
-    runs at once, TRAIN_QUEUE_MAX waiting), one forward pass at a time, and the training metrics."""
+    runs at once, TRAIN_QUEUE_MAX waiting), one forward pass at a time, the training metrics, and
+    the refresher that brings unlabeled tasks' predictions to each newly served version."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, training_jobs: TrainingJobs | None = None):
         super().__init__()
         self.model_dir = Path(settings.model_dir)
         self.device = resolve_device(settings.device)
         self.fallback, self.fallback_error = load_fallback(settings, self.device)
         self.training_queue = KeyedQueue(settings.train_concurrency, settings.train_queue_max, name="training")
+        self.training_jobs = training_jobs  # REDIS_URL: runs go to RQ workers instead (segmentation/job_queue.py)
         self.inference_lock = threading.Lock()  # one forward pass at a time
         self.metrics = TrainingMetrics.register(metrics)
+        # new versions' predictions into Label Studio, in place of the older ones (the fallback's too)
+        self.refresher = PredictionRefresher(settings, [self.fallback.info.version] if self.fallback else [])
         self._projects: dict[str, ProjectState] = {}
         self._projects_lock = threading.Lock()
 
@@ -178,6 +235,7 @@ class SegmentationService(BackendService):
         with self._projects_lock:
             self._projects.pop(project_id, None)
         self.metrics.forget(project_id or "default")
+        self.refresher.forget(project_id)
 
     def health(self) -> dict:
         with self._projects_lock:
@@ -186,6 +244,10 @@ class SegmentationService(BackendService):
         report: dict[str, Any] = {
             "model_state": "ready" if fallback or any(p.model for p in projects.values()) else "no model",
             "fallback_model": fallback.info.version if fallback else None,
+            # which labels the fallback can predict (a zero-shot model's merged classes), from which model
+            "fallback_labels": list(fallback.info.labels[:MAX_REPORTED_LABELS]) if fallback else [],
+            "fallback_source": str(fallback.info.training.get("zero_shot", fallback.info.path)) if fallback else None,
+            "device": str(self.device),
             "projects": {},
         }
         if report["model_state"] == "no model":
@@ -200,6 +262,12 @@ class SegmentationService(BackendService):
             "concurrency": queue.workers,
             "max_waiting": queue.max_waiting,
         }
+        remote: dict[str, dict] = {}  # statuses of runs on RQ workers, by project
+        if self.training_jobs is not None:
+            report["training_queue"], remote = self.training_jobs.health(list(projects))
+            if "error" in report["training_queue"]:
+                report["status"] = "DEGRADED"
+        report["refresh"] = self.refresher.report()
         for project, state in projects.items():
             with state.lock:
                 served = state.model or fallback
@@ -207,9 +275,14 @@ class SegmentationService(BackendService):
                     "model_version": served.info.version if served else UNTRAINED,
                     "model_labels": list(served.info.labels[:MAX_REPORTED_LABELS]) if served else [],
                     "new_annotations": state.new_annotations,
-                    **state.training.report(),
+                    **(remote.get(project) or state.training.report()),
                 }
         return report
+
+    def training_history(self) -> dict[str, dict]:
+        with self._projects_lock:
+            projects = dict(self._projects)
+        return {project: state.history.report() for project, state in projects.items()}
 
     def versions(self) -> list:
         """Every version in MODEL_DIR (project None) and its project folders, oldest first per folder."""

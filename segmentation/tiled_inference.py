@@ -16,6 +16,7 @@ width.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from segmentation.normalization import PER_IMAGE, Normalization
+
 # Pixels where the network gives the foreground classes together at least this much
 # probability are the ones whose confidence makes up the overall score.
 RELEVANT_FOREGROUND_PROBABILITY = 0.1
-# Image statistics are gathered this many pixels at a time.
-_STATISTICS_BLOCK_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def segment_images(
     network: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device | str, **options: Any
 ) -> list[Segmentation]:
     """Predict class-index masks for HxWx3 uint8 images of any sizes (one Segmentation each);
-    `options` (tile, batch_size, size_multiple, overlap) as in `iter_segmentations`."""
+    `options` (tile, batch_size, size_multiple, overlap, normalization) as in `iter_segmentations`."""
     return list(iter_segmentations(network, images, device, **options))
 
 
@@ -68,6 +69,7 @@ def iter_segmentations(
     batch_size: int = 4,
     size_multiple: int = 16,
     overlap: float = 0.25,
+    normalization: Normalization = PER_IMAGE,
 ) -> Iterator[Segmentation]:
     """One Segmentation per HxWx3 uint8 image, in order, as soon as each is done.
 
@@ -75,13 +77,15 @@ def iter_segmentations(
     is needed, so at most about `batch_size` images are held at once. Windows of `tile` pixels
     square at most (shrunk to a multiple of `size_multiple` for smaller images) go through the
     network `batch_size` at a time, across image boundaries when they have the same size.
+    `normalization`: what the network expects (the model version's; default per image). On a GPU
+    the forward pass runs under bf16 autocast (fp16 where bf16 is not supported).
     """
     network.eval()
     importance: dict[tuple[int, int], torch.Tensor] = {}
     queued: list[tuple[_TiledImage, int, int]] = []
     unfinished: collections.deque[_TiledImage] = collections.deque()
     for image in images:
-        tiled = _TiledImage(image, tile, size_multiple, overlap)
+        tiled = _TiledImage(image, tile, size_multiple, overlap, normalization)
         unfinished.append(tiled)
         for top, left in tiled.windows:
             if queued and (len(queued) == batch_size or queued[0][0].roi != tiled.roi):
@@ -108,9 +112,20 @@ def _forward(network: torch.nn.Module, queued: list, device: torch.device | str,
         if roi not in importance:
             importance[roi] = gaussian_importance(roi, device)
         batch = np.stack([tiled.window_input(top, left) for tiled, top, left in queued])
-        logits = network(torch.from_numpy(batch).to(device)).float()
+        with autocast(device):
+            logits = network(torch.from_numpy(batch).to(device)).float()
         for (tiled, top, left), window_logits in zip(queued, logits, strict=True):
             tiled.blend(top, left, window_logits, importance[roi])
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Mixed precision on a GPU (bf16, or fp16 where bf16 is missing); nothing on a CPU, where
+    fp32 is what runs fastest and what training validated. One code path for both."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 class _TiledImage:
@@ -120,7 +135,7 @@ class _TiledImage:
     final rows become mask, confidence and running sums, and leave the band.
     """
 
-    def __init__(self, image: np.ndarray, tile: int, size_multiple: int, overlap: float):
+    def __init__(self, image: np.ndarray, tile: int, size_multiple: int, overlap: float, normalization: Normalization):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
         self.image: np.ndarray | None = image  # released by result()
@@ -131,7 +146,7 @@ class _TiledImage:
         starts = [window_starts(side, roi, overlap) for side, roi in zip(self.padded, self.roi, strict=True)]
         self.windows = [(top, left) for top in starts[0] for left in starts[1]]  # row by row
         self._unblended = len(self.windows)
-        self._mean, self._divisor = image_statistics(image)
+        self._mean, self._divisor = normalization.statistics(image)
         self._band_top = 0
         self._logits: torch.Tensor | None = None  # C x roi_h x padded_w, rows from _band_top
         self._weights: torch.Tensor | None = None  # roi_h x padded_w
@@ -145,8 +160,8 @@ class _TiledImage:
         return self._unblended == 0
 
     def window_input(self, top: int, left: int) -> np.ndarray:
-        """The window at (top, left) as 3 x roi_h x roi_w float32, normalised like `data.normalize`
-        normalises the whole image, mirror-padded at the bottom/right where the image is smaller."""
+        """The window at (top, left) as 3 x roi_h x roi_w float32, normalised with the whole image's
+        statistics (per image) or the model's fixed ones, mirror-padded at the bottom/right where the image is smaller."""
         if self.image is None:
             raise RuntimeError("the image was released by result()")
         rows, cols = self.roi
@@ -240,23 +255,6 @@ def _gaussian(length: int, device: torch.device | str) -> torch.Tensor:
     sigma = length * 0.125
     x = torch.arange(start=-(length - 1) / 2.0, end=(length - 1) / 2.0 + 1, dtype=torch.float, device=device)
     return torch.exp(x**2 / (-2 * sigma**2))
-
-
-def image_statistics(image: np.ndarray) -> tuple[np.float32, float]:
-    """(mean as float32, max(standard deviation, 1)) of all samples of an HxWx3 uint8 image, as
-    `data.normalize` uses them, from a histogram gathered a block of rows at a time."""
-    height, width = image.shape[:2]
-    histogram = np.zeros(256, np.int64)
-    rows = max(1, _STATISTICS_BLOCK_PIXELS // max(width, 1))
-    for top in range(0, height, rows):
-        histogram += np.bincount(np.asarray(image[top : top + rows]).ravel(), minlength=256)
-    total = int(histogram.sum())
-    if total == 0:
-        return np.float32(0.0), 1.0
-    values = np.arange(256, dtype=np.float64)
-    mean = float((histogram * values).sum() / total)
-    variance = float((histogram * (values - mean) ** 2).sum() / total)
-    return np.float32(mean), max(float(np.float32(math.sqrt(variance))), 1.0)
 
 
 def segmentation_from_probabilities(probs: np.ndarray) -> Segmentation:

@@ -1,10 +1,13 @@
 """Offline training from an exported dataset.
 
     python -m segmentation.train --images DIR --masks DIR --out MODEL_DIR [--minutes M] [--labels a,b,...]
+        [--model unet | hf:<Hub id or folder>] [--init VERSION_DIR | hf:<id> | save_pretrained folder]
 
 Each mask is a PNG with the same file stem as its image; pixel value k is the k-th label and
 0 is background. Images without a mask (and masks without an image) are listed and skipped.
-The trained model becomes a new version under MODEL_DIR (and its current one).
+The trained model becomes a new version under MODEL_DIR (and its current one). --init starts
+from an earlier model (a version folder this trainer wrote, of any family, or a pretrained model),
+so a lab can pretrain on its own archive and fine-tune per project.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import torch
 from tqdm import tqdm
 
 from segmentation.data import load_pair, pair_files, read_mask
+from segmentation.families import check_model
+from segmentation.label_map import parse_label_map
 from segmentation.trainer import Progress, TrainConfig, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m segmentation.train",
-        description="Train the segmentation U-Net on image/mask pairs and save a new model version.",
+        description="Train a segmentation model (U-Net or pretrained) on image/mask pairs and save a new version.",
     )
     parser.add_argument("--images", type=Path, required=True, help="folder of images (png, jpg, tif, ...)")
     parser.add_argument(
@@ -39,6 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: class1..classK from the largest mask value)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--model", default="unet", help="unet (default, from scratch) or hf:<Hub id or folder>")
+    parser.add_argument(
+        "--init", default=None, help="start from this version folder, hf:<Hub id> or save_pretrained folder"
+    )
+    parser.add_argument(
+        "--label-map", default="", help='pretrained classes -> labels (their head rows carry over), "Pants=Trousers"'
+    )
+    parser.add_argument("--allow-hub", action="store_true", help="a pretrained model may be downloaded from the Hub")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of images (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop-size", type=int, default=256, help="training crop side in pixels (multiple of 16)")
@@ -74,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.crop_size % 16:
         print(f"error: --crop-size {args.crop_size} is not a multiple of 16", file=sys.stderr)
         return 2
+    try:
+        check_model(args.model)
+        parse_label_map(args.label_map)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs, problems = pair_files(args.images, args.masks)
@@ -98,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         crop_size=args.crop_size,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
+        model=args.model,
+        init=args.init,
+        label_map=args.label_map,
+        allow_hub=args.allow_hub,
     )
     budget = round(config.minutes * 60)
     with tqdm(total=budget, desc="training", unit="s") as bar:
@@ -109,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                 postfix["val_dice"] = f"{update.best_val_score:.3f}"
             bar.set_postfix(postfix, refresh=False)
 
-        info = train(samples, labels, args.out, config, progress=progress)
+        try:
+            info = train(samples, labels, args.out, config, progress=progress)
+        except (OSError, ValueError) as error:  # an --init that cannot be loaded, among others
+            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+            return 2
     summary = {key: info.metrics[key] for key in ("val_dice", "val_iou", "validated_on", "epochs", "steps")}
     print(json.dumps({"version": info.version, "path": str(info.path), "labels": list(info.labels)} | summary))
     return 0

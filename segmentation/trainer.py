@@ -1,8 +1,15 @@
 """Time-bounded training with a held-out validation split and best-on-validation checkpoint.
 
-`fit` trains a fresh U-Net on samples until the time budget is spent, evaluating on the
-validation images after every epoch and keeping the weights that scored best (mean Dice over
-the labels). `train` does the same and saves the result as a new version under MODEL_DIR.
+`fit` trains a network on samples until the time budget is spent, evaluating on the validation
+images after every epoch and keeping the weights that scored best (mean Dice over the labels).
+`train` does the same and saves the result as a new version under MODEL_DIR.
+
+Where a run starts (segmentation/families.py): a fresh U-Net (`model="unet"`), a pretrained
+transformers model (`model="hf:<id>"`) or an earlier version (`init`). Whatever came pretrained
+is frozen for the first `warmup_fraction` of the budget (only the new head learns, so its random
+start does not wreck the pretrained features), then learns at `encoder_lr_factor` of the rate.
+With a held-out split, a run stops early after `patience` validations without a better score. On a GPU the forward pass runs in mixed precision (bf16, or fp16 with loss scaling) and
+the batch grows to what memory holds; on a CPU everything is fp32. Same code path for both.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import torch
 from backends.devices import resolve_device
 from segmentation.augment import build_augmentation
 from segmentation.data import AnySample, CropDataset, split_samples
-from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss, build_network
-from segmentation.tiled_inference import iter_segmentations
-from segmentation.versions import VersionInfo, save_version
+from segmentation.families import NetworkSpec, check_model, initial_network
+from segmentation.label_map import parse_label_map
+from segmentation.network import DEFAULT_CHANNELS, NetworkConfig, build_loss
+from segmentation.normalization import PER_IMAGE, Normalization
+from segmentation.tiled_inference import autocast, iter_segmentations
+from segmentation.versions import METRICS_FILE, VersionInfo, current_version, save_version
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +52,55 @@ class TrainConfig:
     steps_per_epoch: int = 20
     augment: bool = True
     loss: str = "dice_ce"
-    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    channels: tuple[int, ...] = DEFAULT_CHANNELS  # of a fresh U-Net
     max_epochs: int | None = None  # None: as many as the time allows
+    model: str = "unet"  # SEG_MODEL: "unet" or "hf:<Hub id or folder>"
+    init: str | None = None  # start from this version folder or pretrained model instead of `model`
+    allow_hub: bool = False  # SEG_ALLOW_HUB: pretrained models may be downloaded
+    label_map: str = ""  # SEG_LABEL_MAP: which pretrained classes become which labels (their head rows)
+    warmup_fraction: float = 0.1  # of the budget: pretrained weights frozen, the head learns
+    encoder_lr_factor: float = 0.1  # pretrained weights learn at this fraction of the rate
+    patience: int | None = 10  # validations without a better held-out score before stopping; None: never
+    auto_batch: bool = True  # on a GPU, raise batch_size to what memory holds (at most 64)
+    # Whole-image validation after an epoch is skipped while validating has taken more than this
+    # share of the run (large validation images cost as much as many training steps); the last
+    # epoch is always validated.
+    max_validation_share: float = 0.15
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"channels": list(self.channels)}
+
+
+def training_config(settings, device: str, project_dir: Path) -> TrainConfig:
+    """A backend run's TrainConfig from Settings (TRAIN_MINUTES, VAL_FRACTION, SEG_MODEL,
+    SEG_ALLOW_HUB, SEG_LABEL_MAP). It fine-tunes the current model: the project's current version
+    when it is of SEG_MODEL's family (a U-Net with resize up-sampling, or the same hf source),
+    else SEG_CHECKPOINT (a version folder or a pretrained model), else SEG_MODEL itself."""
+    config = TrainConfig(
+        minutes=settings.train_minutes,
+        device=device,
+        val_fraction=settings.val_fraction,
+        model=settings.seg_model,
+        allow_hub=settings.seg_allow_hub,
+        label_map=settings.seg_label_map,
+    )
+    name = current_version(project_dir)
+    if name and _same_family(VersionInfo.read(project_dir / name).network, settings.seg_model):
+        return dataclasses.replace(config, init=str(project_dir / name))
+    checkpoint = settings.seg_checkpoint
+    if checkpoint and (checkpoint.startswith("hf:") or Path(checkpoint, METRICS_FILE).is_file()):
+        return dataclasses.replace(config, init=checkpoint)
+    if checkpoint and Path(checkpoint, "config.json").is_file():
+        return dataclasses.replace(config, init="hf:" + checkpoint)
+    return config
+
+
+def _same_family(network: NetworkSpec, model: str) -> bool:
+    """Whether a saved network continues SEG_MODEL: older U-Nets (transposed up-sampling, whose
+    masks show a checkerboard) and other pretrained sources start over from SEG_MODEL instead."""
+    if isinstance(network, NetworkConfig):
+        return model == "unet" and network.upsample == "resize"
+    return model.removeprefix("hf:") == network.source
 
 
 @dataclass(frozen=True)
@@ -68,7 +122,7 @@ class TrainedNetwork:
     """The best weights of a run (CPU tensors), how to rebuild the network, and the run's metrics."""
 
     state_dict: dict[str, torch.Tensor]
-    network: NetworkConfig
+    network: NetworkSpec
     metrics: dict = field(default_factory=dict)
 
 
@@ -129,14 +183,16 @@ def evaluate(
     n_classes: int,
     device: torch.device | str,
     size_multiple: int = 16,
+    normalization: Normalization = PER_IMAGE,
 ) -> dict:
     """Whole-image validation: {"dice": [...], "iou": [...], "mean_dice": x, "mean_iou": y}.
     Images are read and segmented one after the other (stored samples: from disk)."""
     tally = ClassTally(n_classes)
     images = (sample.image for sample in samples)
-    for sample, segmentation in zip(
-        samples, iter_segmentations(network, images, device, size_multiple=size_multiple), strict=True
-    ):
+    segmentations = iter_segmentations(
+        network, images, device, size_multiple=size_multiple, normalization=normalization
+    )
+    for sample, segmentation in zip(samples, segmentations, strict=True):
         tally.add(sample.mask, segmentation.mask)
     scores = tally.scores()
     return scores | {"mean_dice": _mean(scores["dice"]), "mean_iou": _mean(scores["iou"])}
@@ -154,16 +210,20 @@ def fit(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedNetwork:
-    """Train a fresh network on `samples` (class k = labels[k-1]) within config.minutes.
+    """Train a network (see the module's docstring for where it starts) on `samples` (class k =
+    labels[k-1]) within config.minutes.
 
-    Epochs of `steps_per_epoch` steps until the budget is spent (or `should_stop()`), each scored
-    on the validation images; the best-scoring weights are returned.
+    Epochs of `steps_per_epoch` steps until the budget is spent (or `should_stop()`, or `patience`
+    validations without a better held-out score), scored on the validation images (while that
+    takes at most `max_validation_share` of the time); the best-scoring weights are returned.
     """
     run = _prepare(samples, labels, config, progress, should_stop)
     while config.max_epochs is None or run.epoch < config.max_epochs:
         _train_epoch(run)
-        _score_epoch(run)
-        if run.out_of_time():
+        last = run.out_of_time() or run.epoch == config.max_epochs
+        if last or run.validation_s <= config.max_validation_share * run.elapsed_s():
+            _score_epoch(run)
+        if last or run.stalled():
             break
     return _result(run, labels)
 
@@ -174,10 +234,13 @@ class _Run:
 
     config: TrainConfig
     device: str
-    network_config: NetworkConfig
+    network_config: NetworkSpec
     network: torch.nn.Module
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling: on for fp16 autocast only
+    pretrained: list[torch.nn.Parameter]  # frozen during the warm-up
+    init: str  # "scratch", the pretrained source or the version it started from
     loader: torch.utils.data.DataLoader
     train_samples: list[AnySample]
     val_samples: list[AnySample]  # the training samples when nothing is held out
@@ -193,6 +256,8 @@ class _Run:
     best_state: dict[str, torch.Tensor] | None = None
     best_scores: dict | None = None
     best_epoch: int = 0
+    validation_s: float = 0.0  # spent validating so far
+    validations_since_best: int = 0
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
@@ -202,6 +267,14 @@ class _Run:
 
     def best_val_score(self) -> float | None:
         return self.best_scores["mean_dice"] if self.best_scores else None
+
+    def stalled(self) -> bool:
+        """`patience` validations without a better held-out score (never when validating on training)."""
+        patience = self.config.patience
+        return patience is not None and self.validated_on == "held_out" and self.validations_since_best >= patience
+
+    def warming_up(self) -> bool:
+        return bool(self.pretrained) and self.elapsed_s() < self.config.warmup_fraction * self.budget_s
 
 
 def _prepare(
@@ -214,12 +287,27 @@ def _prepare(
     """Seed, build the network, loss and optimiser, split the samples and make the crop loader."""
     if not samples:
         raise ValueError("no usable training samples")
+    if not config.minutes > 0:
+        raise ValueError(f"the training budget must be positive, got {config.minutes} minutes (TRAIN_MINUTES)")
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    network_config = NetworkConfig(n_classes=len(labels) + 1, channels=tuple(config.channels))
-    network = build_network(network_config).to(device)
+    start = initial_network(
+        check_model(config.model),
+        labels,
+        config.init,
+        config.allow_hub,
+        tuple(config.channels),
+        parse_label_map(config.label_map),
+    )
+    network_config, network = start.spec, start.network.to(device)
     loss_fn = build_loss(config.loss)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    pretrained = [p for name, p in network.named_parameters() if name in start.pretrained_keys]
+    fresh = [p for name, p in network.named_parameters() if name not in start.pretrained_keys]
+    groups = [{"params": fresh, "base_lr": config.learning_rate}]
+    if pretrained:
+        groups.append({"params": pretrained, "base_lr": config.learning_rate * config.encoder_lr_factor})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=_needs_loss_scaling(device))
 
     train_samples, val_samples = split_samples(samples, config.val_fraction, config.seed)
     validated_on = "held_out" if val_samples else "training"
@@ -227,17 +315,20 @@ def _prepare(
     # images would otherwise be padded into mostly repeated pixels, at 16x the cost.
     largest = max(max(s.shape) for s in train_samples)
     multiple = network_config.size_multiple
-    crop_size = min(config.crop_size, -(-largest // multiple) * multiple)
+    crop_size = max(min(config.crop_size, -(-largest // multiple) * multiple), multiple)
+    batch_size = config.batch_size
+    if config.auto_batch and torch.device(device).type == "cuda":
+        batch_size = gpu_batch_size(network, loss_fn, crop_size, network_config.n_classes, device, batch_size)
+        log.info("batch size %d (what GPU memory holds, at most 64)", batch_size)
     dataset = CropDataset(
         train_samples,
         crop_size=crop_size,
-        length=config.steps_per_epoch * config.batch_size,
+        length=config.steps_per_epoch * batch_size,
         augment=build_augmentation(seed=config.seed) if config.augment else None,
         seed=config.seed,
+        normalization=network_config.normalization,
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0)
-    if not config.minutes > 0:
-        raise ValueError(f"the training budget must be positive, got {config.minutes} minutes (TRAIN_MINUTES)")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     return _Run(
         config=config,
         device=device,
@@ -245,6 +336,9 @@ def _prepare(
         network=network,
         loss_fn=loss_fn,
         optimizer=optimizer,
+        scaler=scaler,
+        pretrained=pretrained,
+        init=start.source,
         loader=loader,
         train_samples=train_samples,
         val_samples=val_samples or train_samples,
@@ -262,12 +356,18 @@ def _train_epoch(run: _Run) -> None:
     run.epoch += 1
     run.network.train()
     for images, masks in run.loader:
+        warming_up = run.warming_up()
+        for parameter in run.pretrained:
+            parameter.requires_grad_(not warming_up)
         for group in run.optimizer.param_groups:
-            group["lr"] = _learning_rate(run.config.learning_rate, run.elapsed_s() / run.budget_s)
+            group["lr"] = _learning_rate(group["base_lr"], run.elapsed_s() / run.budget_s)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = run.loss_fn(run.network(images.to(run.device)), masks.to(run.device))
-        loss.backward()
-        run.optimizer.step()
+        with autocast(run.device):
+            logits = run.network(images.to(run.device))
+        loss = run.loss_fn(logits.float(), masks.to(run.device))
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
         run.step += 1
         run.last_loss = float(loss.detach())
         _report(run)
@@ -277,11 +377,16 @@ def _train_epoch(run: _Run) -> None:
 
 def _score_epoch(run: _Run) -> None:
     """Validate the epoch's weights on whole images; keep them when they score best so far."""
-    n_classes = run.network_config.n_classes
-    scores = evaluate(run.network, run.val_samples, n_classes, run.device, run.network_config.size_multiple)
+    spec = run.network_config
+    started = time.monotonic()
+    scores = evaluate(run.network, run.val_samples, spec.n_classes, run.device, spec.size_multiple, spec.normalization)
+    run.validation_s += time.monotonic() - started
     if run.best_scores is None or scores["mean_dice"] >= run.best_scores["mean_dice"]:
         run.best_state = {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()}
         run.best_scores, run.best_epoch = scores, run.epoch
+        run.validations_since_best = 0
+    else:
+        run.validations_since_best += 1
     log.info("epoch %d step %d loss %.4f val mean dice %.4f", run.epoch, run.step, run.last_loss, scores["mean_dice"])
     _report(run, val_score=scores["mean_dice"], validated=True)
 
@@ -319,13 +424,41 @@ def _result(run: _Run, labels: Sequence[str]) -> TrainedNetwork:
         "train_names": [s.name for s in run.train_samples],
         "val_names": [s.name for s in run.val_samples] if held_out else [],
         "crop_size": run.crop_size,
+        "batch_size": run.loader.batch_size,
+        "init": run.init,
         "best_epoch": run.best_epoch,
         "epochs": run.epoch,
         "steps": run.step,
         "final_loss": run.last_loss,
         "train_seconds": round(run.elapsed_s(), 2),
+        "validation_seconds": round(run.validation_s, 2),
     }
     return TrainedNetwork(state_dict=run.best_state, network=run.network_config, metrics=metrics)
+
+
+def _needs_loss_scaling(device: str) -> bool:
+    """fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not."""
+    return torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def gpu_batch_size(
+    network: torch.nn.Module, loss_fn: torch.nn.Module, crop: int, n_classes: int, device: str, minimum: int
+) -> int:
+    """The batch size a training step fits in: a step of 2 crops is measured (peak memory), and the
+    batch takes half the free memory, between `minimum` and 64."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    images = torch.zeros((2, 3, crop, crop), device=device)
+    masks = torch.zeros((2, 1, crop, crop), dtype=torch.int64, device=device)
+    with autocast(device):
+        logits = network(images)
+    loss_fn(logits.float(), masks.clamp_(max=n_classes - 1)).backward()
+    per_crop = max((torch.cuda.max_memory_allocated(device) - before) / 2, 1)
+    network.zero_grad(set_to_none=True)
+    del images, masks, logits
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(64, max(minimum, 0.5 * free // per_crop)))
 
 
 def train(

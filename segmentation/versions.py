@@ -6,14 +6,17 @@ Layout of MODEL_DIR:
       current                       text file: the served version's name
       seg-20261101-120000-ab12/     one complete version
         weights.pt                  torch state_dict (loaded with weights_only=True)
-        metrics.json                label map, network config, training settings, validation
+        metrics.json                label map, network (its family and what rebuilds it: the
+                                    U-Net's config, or a transformers model's config.to_dict()
+                                    and input normalisation), training settings, validation
                                     Dice/IoU per class, created time
       .incomplete-seg-.../          a version being written (ignored; removed at startup)
 
 A version is written into `.incomplete-<name>/`, flushed to disk, then renamed into place
 (os.replace of the directory), and only then is `current` replaced (write a temporary file,
 os.replace). A crash or kill at any moment therefore leaves either the old or the new version
-current, never a half-written one.
+current, never a half-written one. Versions written before model families existed have a network
+without `family` (a U-Net) and without `upsample` (the transposed convolution): they load as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import pickle
 import secrets
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from segmentation.network import NetworkConfig, build_network
+from segmentation.families import NetworkSpec, build, network_from_json
 
 WEIGHTS_FILE = "weights.pt"
 METRICS_FILE = "metrics.json"
@@ -48,7 +52,7 @@ class VersionInfo:
     version: str
     path: Path
     labels: tuple[str, ...]
-    network: NetworkConfig
+    network: NetworkSpec  # NetworkConfig (unet) or HFNetworkConfig (hf:)
     created: str  # ISO 8601, UTC
     metrics: Mapping = field(default_factory=dict)  # e.g. {"val_dice": {label: v}, "val_iou": {...}}
     training: Mapping = field(default_factory=dict)  # settings the run used
@@ -77,7 +81,7 @@ class VersionInfo:
             version=data["version"],
             path=Path(path),
             labels=tuple(data["labels"]),
-            network=NetworkConfig.from_json(data["network"]),
+            network=network_from_json(data["network"]),
             created=data["created"],
             metrics=data.get("metrics", {}),
             training=data.get("training", {}),
@@ -118,7 +122,7 @@ def save_version(
     model_dir: Path,
     state_dict: Mapping[str, torch.Tensor],
     labels: tuple[str, ...],
-    network: NetworkConfig,
+    network: NetworkSpec,
     metrics: Mapping | None = None,
     training: Mapping | None = None,
     make_current: bool = True,
@@ -201,7 +205,7 @@ def load_version(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     info = VersionInfo.read(path)
     device = torch.device(device)
     state = torch.load(path / WEIGHTS_FILE, map_location=device, weights_only=True)
-    network = build_network(info.network)
+    network = build(info.network)
     network.load_state_dict(state)
     network.to(device).eval()
     return LoadedModel(info=info, network=network, device=device)
@@ -213,14 +217,27 @@ def load_current(model_dir: Path, device: torch.device | str = "cpu") -> LoadedM
     return load_version(Path(model_dir) / name, device) if name else None
 
 
-def remove_incomplete(model_dir: Path) -> list[Path]:
-    """Delete leftovers of interrupted writes (call at startup, when nothing is writing)."""
+def remove_incomplete(model_dir: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete leftovers of interrupted writes, those last modified more than `older_than_s` ago.
+
+    0 (the default) removes every leftover: call it so at startup when nothing else writes. Where
+    other processes share MODEL_DIR (RQ workers), pass a delay no write lasts (minutes): a leftover
+    that young may be a version being written right now."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
     leftovers = [
         p for p in model_dir.iterdir() if p.name.startswith(INCOMPLETE_PREFIX) or p.name.startswith(f".{CURRENT_FILE}.")
     ]
+    leftovers = [path for path in leftovers if older_than_s <= 0 or _age_s(path) > older_than_s]
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return leftovers
+
+
+def _age_s(path: Path) -> float:
+    """Seconds since `path` was last modified (0 when it is gone already)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0

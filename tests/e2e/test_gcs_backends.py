@@ -37,7 +37,7 @@ from backends.masks.rle import decode_rle
 from sdk_scripts import import_gcs, setup_project
 from tests.e2e.dsb2018 import SIDE, instance_labels, largest_inner_instances, pick_images, true_mask
 from tests.support.masks import iou
-from tests.support.payloads import rectangle_around
+from tests.support.payloads import rectangle_around, with_shared_labels
 
 pytestmark = pytest.mark.e2e
 
@@ -54,11 +54,13 @@ SEGMENTATION_ENV = {"DEVICE": "cpu", "TRAIN_EVERY": "1000"}
 
 # --------------------------------------------------------------------- data
 def brush_mask(regions: list[dict], label: str = "Nucleus") -> np.ndarray:
-    """The one brushlabels region with `label` among `regions`, decoded to HxW bool."""
-    brushes = [r for r in regions if r["type"] == "brushlabels" and r["value"]["brushlabels"] == [label]]
-    assert len(brushes) == 1, [(r["type"], r["value"]) for r in regions if r["type"] != "brushlabels"] or brushes
-    brush = brushes[0]
-    assert (brush["from_name"], brush["to_name"]) == ("tag", "image")
+    """The one brush region with `label` among `regions` (label_config.xml's shape: a `brush` result
+    from `tag` and a `labels` result from `label` with the same id), decoded to HxW bool."""
+    labelled = [r for r in regions if r["type"] == "labels" and r["value"]["labels"] == [label] and "rle" in r["value"]]
+    assert len(labelled) == 1, [(r["type"], r["from_name"]) for r in regions]
+    (brush,) = [r for r in regions if r["type"] == "brush" and r["id"] == labelled[0]["id"]]
+    assert (brush["from_name"], brush["to_name"], labelled[0]["from_name"]) == ("tag", "image", "label")
+    assert brush["value"]["rle"] == labelled[0]["value"]["rle"]
     return decode_rle(brush["value"]["rle"], brush["original_height"], brush["original_width"])
 
 
@@ -245,7 +247,7 @@ def test_smart_rectangle_on_a_gs_task_returns_the_nucleus(label_studio, gcs_proj
         started = time.monotonic()
         response = label_studio.http.post(
             f"{label_studio.url}/api/ml/{gcs_project.sam_ml_id}/interactive-annotating",
-            json={"task": task_id, "context": {"result": [rectangle_around(truth)]}},
+            json={"task": task_id, "context": {"result": with_shared_labels(rectangle_around(truth))}},
             timeout=120,
         )
         seconds.append(time.monotonic() - started)

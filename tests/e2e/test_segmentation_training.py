@@ -143,7 +143,17 @@ def test_training_from_annotations_then_predicting_the_rest(label_studio, start_
     assert backend.health()["model_state"] == "ready"
     assert metric(backend, "seg_training_runs_total", project=project_key, outcome="ok") == 1.0
 
-    # --- "Retrieve predictions" for the tasks nobody annotated, read back from Label Studio
+    # --- the backend refreshes the unlabeled tasks' predictions by itself (segmentation.refresh);
+    # "Retrieve predictions" afterwards finds them current (Label Studio skips tasks that have a
+    # prediction of the backend's model_version), so each task holds exactly one of this version
+    deadline = time.monotonic() + 120
+    while True:
+        refresh = backend.health().get("refresh", {}).get("projects", {}).get(project_key, {})
+        if refresh.get("version") == served and refresh.get("state") in ("done", "failed"):
+            break
+        assert time.monotonic() < deadline, refresh
+        time.sleep(0.5)
+    assert refresh["state"] == "done" and refresh["errors"] == 0, refresh
     retrieve_predictions(label_studio, project.id, held_out)
     predicted_at = time.monotonic()
     ious, accuracies, background_accuracies, foreground_only = [], [], [], []

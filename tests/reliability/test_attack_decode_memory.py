@@ -363,7 +363,11 @@ def test_a_fragmented_prediction_is_left_out_of_the_answer_with_a_note(tmp_path,
     )
     with HttpHost({"/scan.png": encode(Image.new("RGB", (width, height)))}) as host:
         settings = settings_for(
-            tmp_path, {"SEG_MAX_RLE_MB": "0.5"}, seg_checkpoint=str(constant_model), image_allowed_hosts=(host.netloc,)
+            tmp_path,
+            # post-processing off: filling the noise's holes would make it less fragmented; the cap is tested
+            {"SEG_MAX_RLE_MB": "0.5", "SEG_FILL_HOLES_PX": "0", "SEG_MIN_COMPONENT_PX": "0"},
+            seg_checkpoint=str(constant_model),
+            image_allowed_hosts=(host.netloc,),
         )
         with segmentation_client(settings) as client:
             response = client.post("/predict", json=payloads.predict_body([payloads.task(1, f"{host.url}/scan.png")]))
@@ -404,7 +408,7 @@ def training_label_studio() -> FakeLabelStudio:
 def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypatch):
     """What the training run holds in memory once its samples are made: it was every decoded image
     (TASKS x 1.4 MB here; 300 tasks of 1 MP: +3 GB)."""
-    import segmentation.model
+    import segmentation.training_run
 
     held: dict = {}
 
@@ -414,7 +418,7 @@ def test_training_keeps_decoded_images_on_disk_not_in_memory(tmp_path, monkeypat
         held["dirs"] = [path.name for path in Path(out_dir).iterdir()] if Path(out_dir).is_dir() else []
         raise ValueError("probe: measured, not trained")
 
-    monkeypatch.setattr(segmentation.model, "train", probe)
+    monkeypatch.setattr(segmentation.training_run, "train", probe)
     fake = training_label_studio()
     region = fake.exports[1][0]["annotations"][0]["result"][0]
     decode_rle(region["value"]["rle"], TASK_SIDE, TASK_SIDE)  # its lookup table (4 MB, cached once) is not a sample

@@ -150,6 +150,22 @@ def rectangle_around(mask: np.ndarray, label: str = "Nucleus", **extra) -> dict:
     )
 
 
+def with_shared_labels(region: dict, labels_tag: str = "label") -> list[dict]:
+    """A `rectanglelabels` / `keypointlabels` region as Label Studio 1.23's editor sends it when the
+    tool takes its labels from a shared `<Labels>` tag (label_config.xml): the tool's result without
+    labels, then a `labels` result with the same id."""
+    kind = region["type"].removesuffix("labels")
+    value = {key: item for key, item in region["value"].items() if key != f"{kind}labels"}
+    tool = {**region, "type": kind, "value": value}
+    twin = {
+        **region,
+        "type": "labels",
+        "from_name": labels_tag,
+        "value": {**value, "labels": region["value"][f"{kind}labels"]},
+    }
+    return [tool, twin]
+
+
 def keypoint(x, y, positive=True, label="Nucleus", original=(160, 120), width=0.6, **extra) -> dict:
     """A smart keypoint at x, y in percent of original = (width, height) in pixels."""
     return {
