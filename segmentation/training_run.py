@@ -126,7 +126,11 @@ def run_training(
             project_dir.mkdir(parents=True, exist_ok=True)
             parent = samples_parent or project_dir
             parent.mkdir(parents=True, exist_ok=True)
-            samples_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=parent))
+            # A run stopped mid-write (server stopping, folder removed under it) must not fail its
+            # cleanup: what is left is removed at the next start (remove_interrupted_runs).
+            samples_dir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=TRAINING_SAMPLES_PREFIX, dir=parent, ignore_cleanup_errors=True)
+            )
             samples, problems = collect(labels, SampleStore(Path(samples_dir)))
             samples_count, problem_count = len(samples), len(problems)
             report(
