@@ -52,6 +52,7 @@ bench: install
 	$(VENV)/bin/python -m bench.seg_quality
 	$(VENV)/bin/python -m bench.seg_throughput
 	$(VENV)/bin/python -m bench.load
+	$(VENV)/bin/python -m bench.scale
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) run
