@@ -14,6 +14,7 @@ import pytest
 
 from devstack.containers import Images, Timings, base_tag, build_images, image_exists, image_size_mb
 from tests.containers.compose import compose_binary
+from tests.support.ci import unavailable
 
 CONTAINERS_DIR = Path(__file__).resolve().parent
 
@@ -25,22 +26,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def _missing_or_skip(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(reason + "; CI must run the container suite (.ci/run installs and starts it)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def compose_command() -> list[str]:
     """docker-compose on PATH (no engine needed for `config`)."""
     command = compose_binary()
     if command is None:
-        _missing_or_skip("neither docker-compose nor the `docker compose` plugin is installed")
+        unavailable("neither docker-compose nor the `docker compose` plugin is installed")
     assert command is not None
     return command
 
@@ -49,15 +40,15 @@ def compose_command() -> list[str]:
 def docker_engine(compose_command: list[str]) -> None:
     """A Docker engine that answers (`docker info`), and debootstrap for the base image."""
     if shutil.which("docker") is None:
-        _missing_or_skip("the docker client is not installed (apt-get install docker.io)")
+        unavailable("the docker client is not installed (apt-get install docker.io)")
     probe = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
-        _missing_or_skip(f"no Docker engine answers `docker info`: {probe.stderr.strip()[:300]}")
+        unavailable(f"no Docker engine answers `docker info`: {probe.stderr.strip()[:300]}")
     if not image_exists(base_tag()):
         if shutil.which("debootstrap") is None and not Path("/usr/sbin/debootstrap").exists():
-            _missing_or_skip("debootstrap is not installed (the base image is built from Debian packages)")
+            unavailable("debootstrap is not installed (the base image is built from Debian packages)")
         if os.geteuid() != 0:
-            _missing_or_skip("debootstrap needs root to build the base image once (then it is cached)")
+            unavailable("debootstrap needs root to build the base image once (then it is cached)")
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from sam.embeddings import EmbeddingStore
 from sam.engines.classic import ClassicEmbedding, ClassicEngine
 from sam.model import SamBackend
 from sam.prompts import Prompt
+from tests.support.ci import unavailable
 
 SIDE = 32
 
@@ -256,7 +257,7 @@ def test_hostile_answered_regions_in_redis_are_a_miss(hostile, redis_server, cli
 def own_redis(tmp_path):
     """A redis-server of this test's own, to stop and start (the session's stays up for others)."""
     if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(root=tmp_path / "redis", log_path=tmp_path / "redis.log").start()
     yield server
     server.stop()

@@ -98,19 +98,22 @@ def label_studio():
         yield fake
 
 
-@pytest.fixture
-def client(label_studio, tmp_path, one_thread):
-    settings = dataclasses.replace(
+def backend_settings(label_studio, tmp_path, **fields) -> Settings:
+    """Settings of a backend on CPU pointed at the fake Label Studio, its files under `tmp_path`."""
+    return dataclasses.replace(
         Settings(),
         label_studio_url=label_studio.url,
         label_studio_api_key=TOKEN,
         model_dir=tmp_path / "models",
         image_cache_dir=tmp_path / "cache",
-        train_every=2,
-        train_minutes=0.15,
-        val_fraction=0.25,
         device="cpu",
+        **fields,
     )
+
+
+@pytest.fixture
+def client(label_studio, tmp_path, one_thread):
+    settings = backend_settings(label_studio, tmp_path, train_every=2, train_minutes=0.15, val_fraction=0.25)
     with TestClient(create_app(SegmentationBackend, settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -211,15 +214,7 @@ def test_start_training_then_predict(client, label_studio):
 
 
 def test_restart_serves_the_saved_version(label_studio, tmp_path, one_thread):
-    settings = dataclasses.replace(
-        Settings(),
-        label_studio_url=label_studio.url,
-        label_studio_api_key=TOKEN,
-        model_dir=tmp_path / "models",
-        image_cache_dir=tmp_path / "cache",
-        train_minutes=0.05,
-        device="cpu",
-    )
+    settings = backend_settings(label_studio, tmp_path, train_minutes=0.05)
     with TestClient(create_app(SegmentationBackend, settings)) as first:
         webhook(first, "START_TRAINING")
         assert wait_for_training(first)["state"] == "idle"
@@ -245,15 +240,7 @@ def test_seg_checkpoint_serves_an_offline_model_and_drops_labels_the_config_lack
         tmp_path / "offline",
         TrainConfig(minutes=1, max_epochs=6, steps_per_epoch=10, batch_size=4, device="cpu"),
     )
-    settings = dataclasses.replace(
-        Settings(),
-        label_studio_url=label_studio.url,
-        label_studio_api_key=TOKEN,
-        model_dir=tmp_path / "models",
-        seg_checkpoint=str(info.path),
-        image_cache_dir=tmp_path / "cache",
-        device="cpu",
-    )
+    settings = backend_settings(label_studio, tmp_path, seg_checkpoint=str(info.path))
     with TestClient(create_app(SegmentationBackend, settings)) as client:
         assert client.get("/health").json()["fallback_model"] == info.version
         results = predict(client, [1, 2, 9, 10])

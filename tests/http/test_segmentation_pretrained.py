@@ -4,28 +4,20 @@ SEG_LABEL_MAP, and /health says which labels it predicts and from which model.""
 
 from __future__ import annotations
 
-import dataclasses
-
 from fastapi.testclient import TestClient
 
 from backends.masks.rle import decode_rle
 from backends.server.app import create_app
-from backends.settings import Settings
 from segmentation.model import SegmentationBackend
-from tests.http.test_segmentation_backend import SIZE, label_studio, predict  # noqa: F401 (fixture)
-from tests.support.label_studio import LEGACY_TOKEN as TOKEN
+from tests.http.test_segmentation_backend import SIZE, backend_settings, label_studio, predict  # noqa: F401 (fixture)
 from tests.support.tiny_hf_models import save_tiny_segformer
 
 
 def test_a_pretrained_model_pre_annotates_with_mapped_labels_before_any_training(label_studio, tmp_path, one_thread):  # noqa: F811
     model = save_tiny_segformer(tmp_path / "segformer-clothes", favour=1)  # "Upper-clothes" wins
-    settings = dataclasses.replace(
-        Settings(),
-        label_studio_url=label_studio.url,
-        label_studio_api_key=TOKEN,
-        model_dir=tmp_path / "models",
-        image_cache_dir=tmp_path / "cache",
-        device="cpu",
+    settings = backend_settings(
+        label_studio,
+        tmp_path,
         seg_model=f"hf:{model}",
         seg_label_map="upper-clothes=nucleus,Pants=Trousers",  # the config's label is "Nucleus"
     )
@@ -49,13 +41,9 @@ def test_a_pretrained_model_pre_annotates_with_mapped_labels_before_any_training
 
 def test_a_label_map_that_matches_no_model_class_is_reported_in_health(label_studio, tmp_path, one_thread):  # noqa: F811
     model = save_tiny_segformer(tmp_path / "segformer-clothes")
-    settings = dataclasses.replace(
-        Settings(),
-        label_studio_url=label_studio.url,
-        label_studio_api_key=TOKEN,
-        model_dir=tmp_path / "models",
-        image_cache_dir=tmp_path / "cache",
-        device="cpu",
+    settings = backend_settings(
+        label_studio,
+        tmp_path,
         seg_checkpoint=f"hf:{model}",
         seg_label_map="Shoe=Nucleus",
     )

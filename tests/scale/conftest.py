@@ -3,7 +3,6 @@ redis-server, connected to the real Label Studio. Every test here starts real pr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from devstack.nginx_proxy import NginxProxy, nginx_binary, start_round_robin_proxy
 from devstack.redis_server import RedisServer, redis_server_binary, start_redis
+from tests.support.ci import unavailable
 
 SCALE_DIR = Path(__file__).resolve().parent
 
@@ -24,10 +24,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _missing(what: str) -> None:
     """Skip, or fail in CI (CI=true), where a system part is not installed."""
-    reason = f"{what} is not installed (apt-get install {what}; .ci/run does)"
-    if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-        pytest.fail(reason)
-    pytest.skip(reason)
+    unavailable(f"{what} is not installed (apt-get install {what}; .ci/run does)")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ Everything started here is stopped at the end of the session, also after failure
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,10 +26,7 @@ from devstack.backends import start_backend as _start_backend
 from devstack.gcs import GcsEmulator, start_fake_gcs
 from devstack.label_studio import LS_BIN, LabelStudioServer, label_studio_installed, start_label_studio
 from devstack.redis_server import RedisServer, redis_server_binary, start_redis
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+from tests.support.ci import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +48,7 @@ def gcs_emulator(stack_dir: Path) -> Iterator[GcsEmulator]:
 def label_studio_installed_or_skip() -> None:
     """Skips where .venv-ls is missing, except in CI (CI=true), where that is a failure."""
     if not label_studio_installed():
-        reason = f"Label Studio is not installed at {LS_BIN} (run `make install-label-studio`)"
-        if _in_ci():
-            pytest.fail(reason + "; CI must run the end-to-end suite")
-        pytest.skip(reason)
+        unavailable(f"Label Studio is not installed at {LS_BIN} (run `make install-label-studio`)")
 
 
 @pytest.fixture(scope="session")
@@ -110,10 +103,7 @@ def redis_server(stack_dir: Path) -> Iterator[RedisServer]:
     """A real redis-server on loopback (`.url` for REDIS_URL; `.stop()`/`.start()` to take it down and
     back on the same port). Skips where redis-server is missing, except in CI, where that fails."""
     if redis_server_binary() is None:
-        reason = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
-        if _in_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable("redis-server is not installed (apt-get install redis-server; .ci/run does)")
     server = start_redis(stack_dir / "redis", stack_dir / "logs" / "redis.log")
     try:
         yield server

@@ -21,6 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.ci import unavailable
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "deploy" / "helm" / "ls-segmentation-assist"
 LS_VALUES = REPO_ROOT / "deploy" / "helm" / "label-studio-values.yaml"
@@ -245,7 +247,7 @@ def test_the_redis_conf_is_accepted_by_a_real_redis_server(three_gpu, tmp_path):
 
     redis_server = Path("/usr/bin/redis-server")
     if not redis_server.exists():
-        pytest.skip("no redis-server (installed by .ci/run)")
+        unavailable("no redis-server (apt-get install redis-server)")
     for name, config in by_kind(three_gpu, "ConfigMap").items():
         text = (
             config["data"]["redis.conf"]

@@ -9,7 +9,6 @@ pid and temp paths a scratch folder.
 from __future__ import annotations
 
 import http.server
-import os
 import re
 import shutil
 import socket
@@ -25,6 +24,7 @@ import pytest
 import requests
 
 from devstack.processes import free_port
+from tests.support.ci import unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF = REPO_ROOT / "deploy" / "nginx" / "sam-proxy.conf"
@@ -34,9 +34,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 def nginx_or_skip() -> str:
     if Path(NGINX).exists():
         return NGINX
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail("nginx is missing: .ci/run installs Debian's nginx")
-    pytest.skip("no nginx here (apt-get install nginx)")
+    unavailable("no nginx here (apt-get install nginx)")
 
 
 def loopback_copy(text: str, upstreams: dict[str, int], listen: int, scratch: Path) -> str:
